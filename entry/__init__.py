@@ -1,0 +1,1 @@
+"""The entry node users talk to (in progress)."""

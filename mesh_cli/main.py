@@ -1,0 +1,43 @@
+"""`mesh`: run a node, an entry, a local demo mesh, or manage keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from protocol.errors import IdentityError
+
+
+class CliError(Exception):
+    """An error to show the user as one line, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mesh",
+        description="Peer-to-peer LLM inference mesh: volunteers serve GGUF models with llama.cpp "
+        "over libp2p; an entry node offers an OpenAI-compatible API and a web chat.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from . import keys
+    from node import cli as node_cli
+
+    node_cli.add_parser(sub)
+    keys.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (CliError, IdentityError) as e:
+        print(f"mesh: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

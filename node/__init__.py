@@ -1,0 +1,1 @@
+"""The volunteer node daemon: engine, admission, stream handler, adverts, drain, CLI."""

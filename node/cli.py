@@ -1,0 +1,114 @@
+"""`mesh node start|stop|status`: what a volunteer runs on their own hardware."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mesh_cli.logs import add_logging_args, setup_logging
+
+from .config import load_config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("node", help="serve a GGUF model to the mesh (start, stop, status)",
+                       description="Run a volunteer node: load a GGUF model with llama.cpp, advertise it on the mesh's DHT and serve generations.")
+    ns = p.add_subparsers(dest="node_cmd", required=True, metavar="COMMAND")
+
+    s = ns.add_parser("start", help="load a model and serve it until stopped",
+                      description="Load a GGUF model, measure its speed, join the mesh and serve /mesh/infer/1. "
+                      "Ctrl-C (or SIGTERM, or `mesh node stop`) stops taking work, lets in-flight generations "
+                      "finish within --drain-seconds, then exits; a second Ctrl-C exits at once. "
+                      "Flags override the --config file; the file's [node] table takes the same names with underscores.")
+    s.add_argument("--config", help="TOML config file with the same settings (e.g. slots = 2)")
+    s.add_argument("--model", help="path to a GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    s.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU if llama.cpp was built with GPU support; -1 = all (default 0)")
+    s.add_argument("--threads", type=int, help="llama.cpp threads per slot (default: CPU cores / slots)")
+    s.add_argument("--ctx", type=int, help="context size in tokens (default 2048)")
+    s.add_argument("--slots", type=int, help="concurrent generations, one llama.cpp context each (default 1)")
+    s.add_argument("--queue", type=int, help="requests that may wait for a slot before the node answers busy (default 8)")
+    s.add_argument("--max-tokens", type=int, help="longest generation accepted (default 1024)")
+    s.add_argument("--listen-host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="TCP port to listen on (default: any free port)")
+    s.add_argument("--bootstrap", action="append", help="multiaddr of a mesh peer to join through (repeatable)")
+    s.add_argument("--identity", help="identity key file (default: STATE_DIR/node.key, created if missing)")
+    s.add_argument("--state-dir", help="directory for the key, control socket and ready file (default: ~/.mesh/node)")
+    s.add_argument("--drain-seconds", type=float, help="grace period for in-flight work when stopping (default 30)")
+    s.add_argument("--advert-interval", type=float, help="seconds between capacity advert refreshes (default 5)")
+    s.add_argument("--skip-benchmark", action="store_true", default=None, help="don't measure speed at start (advertise 0 tok/s)")
+    add_logging_args(s)
+    s.set_defaults(func=cmd_start, log_format=None, log_level=None)
+
+    for name, help_text in (("stop", "ask the running node to drain and exit"), ("status", "show what the running node serves, its load and tokens served")):
+        sp = ns.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--state-dir", help="state directory of the node (default: ~/.mesh/node)")
+        sp.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        sp.set_defaults(func=cmd_stop if name == "stop" else cmd_status)
+
+
+_START_KEYS = ("model", "gpu_layers", "threads", "ctx", "slots", "queue", "max_tokens", "listen_host", "port",
+               "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
+               "log_format", "log_level")
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    import trio
+
+    from mesh_cli.main import CliError
+    from protocol.errors import IdentityError
+
+    from .control import ControlError
+    from .daemon import NodeDaemon
+    from .model_file import ModelFileError
+
+    try:
+        cfg = load_config(args.config, {k: getattr(args, k) for k in _START_KEYS})
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    setup_logging(cfg.log_format, cfg.log_level)
+    try:
+        return trio.run(NodeDaemon(cfg).run)
+    except (ModelFileError, ControlError, IdentityError, OSError) as e:
+        logging.getLogger("mesh.node").debug("start failed", exc_info=True)
+        raise CliError(str(e)) from None
+
+
+def _control(args, request: dict) -> dict:
+    from mesh_cli.main import CliError
+
+    from .config import NodeConfig
+    from .control import ControlError, call
+
+    try:
+        return call(NodeConfig(state_dir=args.state_dir).control_socket(), request)
+    except ControlError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    answer = _control(args, {"cmd": "stop"})
+    if args.json:
+        print(__import__("json").dumps(answer))
+    else:
+        print(f"node is draining: {answer.get('in_flight', 0)} generation(s) in flight, grace {answer.get('grace_s')} s")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = _control(args, {"cmd": "status"})
+    if args.json:
+        print(__import__("json").dumps(s, indent=2))
+        return 0
+    m = s["model"]
+    state = "draining" if s["draining"] else "serving"
+    lines = [
+        f"node {s['peer_id']} ({state}, up {s['uptime_s']:.0f} s, pid {s['pid']})",
+        f"model    {m['name']} {m['quantization']} ({m['architecture']}), ctx {m['context_size']}, sha256 {m['sha256'][:16]}…",
+        f"speed    prefill {s['prefill_tps']:.0f} tok/s, decode {s['decode_tps']:.0f} tok/s",
+        f"load     {s['active']}/{s['slots']} slots busy, {s['queued']}/{s['queue_limit']} queued",
+        f"served   {s['requests_served']} requests, {s['tokens_served']} tokens ({s['requests_failed']} failed or cancelled)",
+        f"listen   {', '.join(s['addrs'])}",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,87 @@
+"""Node settings: defaults, then a TOML file, then command-line flags (later wins)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def mesh_home() -> Path:
+    return Path(os.environ.get("MESH_HOME", Path.home() / ".mesh"))
+
+
+@dataclass
+class NodeConfig:
+    model: str | None = None  # GGUF path; None = the bundled SmolLM2-135M-Instruct
+    gpu_layers: int = 0  # layers offloaded to the GPU when the build supports it; -1 = all
+    threads: int | None = None  # llama.cpp threads per slot; default: cores / slots
+    ctx: int = 2048
+    slots: int = 1  # concurrent generations, one llama.cpp context each
+    queue: int = 8  # requests waiting for a slot before the node answers "busy"
+    max_tokens: int = 1024  # longest generation this node accepts
+    listen_host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port
+    bootstrap: list[str] = field(default_factory=list)
+    identity: str | None = None  # key file; default STATE_DIR/node.key
+    state_dir: str | None = None  # default $MESH_HOME/node (control socket, pid file)
+    drain_seconds: float = 30.0
+    advert_interval: float = 5.0  # seconds between advert refreshes; adverts live 4x this
+    skip_benchmark: bool = False  # tests only: advertise zero speeds instead of measuring
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else mesh_home() / "node"
+
+    def identity_path(self) -> Path:
+        return Path(self.identity) if self.identity else self.state_path() / "node.key"
+
+    def control_socket(self) -> Path:
+        return self.state_path() / "node.sock"
+
+    def threads_per_slot(self) -> int:
+        if self.threads:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.slots))
+
+    def validate(self) -> None:
+        if self.slots < 1:
+            raise ValueError("--slots must be at least 1")
+        if self.queue < 0:
+            raise ValueError("--queue must be >= 0")
+        if self.ctx < 64:
+            raise ValueError("--ctx must be at least 64")
+        if self.max_tokens < 1:
+            raise ValueError("--max-tokens must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("--port must be in 0-65535")
+        if self.advert_interval <= 0 or self.drain_seconds < 0:
+            raise ValueError("--advert-interval must be > 0 and --drain-seconds >= 0")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be 'text' or 'json'")
+
+
+def load_config(path: str | None, overrides: dict) -> NodeConfig:
+    """Build the config from an optional TOML file ([node] table or top level) and flags that
+    were given (None = not given)."""
+    values: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+        data = data.get("node", data)
+        known = {f.name for f in fields(NodeConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+        values.update(data)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = NodeConfig(**values)
+    cfg.validate()
+    return cfg

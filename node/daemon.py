@@ -1,0 +1,214 @@
+"""The node daemon: load the model, measure it, join the mesh, serve, and leave cleanly.
+
+Lifecycle: inspect + load (progress logged) -> self-benchmark -> libp2p host + DHT ->
+advertise on a period -> serve /mesh/infer/1 -> on SIGINT/SIGTERM/`mesh node stop`: refuse new
+work, tell entries, let in-flight work finish within the grace period, cancel the rest, exit 0.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import trio
+
+from protocol import INFER_PROTOCOL_ID
+from protocol.identity import Identity
+from protocol.records import CapacityAdvert
+
+from .admission import Admission
+from .config import NodeConfig
+from .control import serve_control
+from .model_file import ModelInfo, bundled_model_path, inspect_model
+from .service import NodeService, NodeStats
+
+log = logging.getLogger("mesh.node")
+
+
+class NodeStartError(Exception):
+    """A reason the node cannot start, shown as one line."""
+
+
+def resolve_model(cfg: NodeConfig) -> ModelInfo:
+    path = Path(cfg.model) if cfg.model else bundled_model_path()
+    log.debug("checking model file", extra={"path": str(path)})
+    return inspect_model(path)
+
+
+def load_engines(cfg: NodeConfig, info: ModelInfo) -> list:
+    from .engine import Engine
+
+    engines = []
+    threads = cfg.threads_per_slot()
+    for i in range(cfg.slots):
+        t0 = time.perf_counter()
+        log.info(f"loading model into slot {i + 1}/{cfg.slots}", extra={"model": info.name, "threads": threads, "gpu_layers": cfg.gpu_layers})
+        engines.append(Engine(info.path, n_ctx=cfg.ctx, n_threads=threads, n_gpu_layers=cfg.gpu_layers))
+        log.info(f"slot {i + 1}/{cfg.slots} loaded in {time.perf_counter() - t0:.2f}s")
+    if cfg.gpu_layers and not engines[0].gpu_offload:
+        log.warning("--gpu-layers was given but this llama.cpp build has no GPU support; running on the CPU")
+    return engines
+
+
+class NodeDaemon:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.stats = NodeStats()
+        self.identity: Identity | None = None
+        self.info: ModelInfo | None = None
+        self.service: NodeService | None = None
+        self.host = None
+        self._seq = int(time.time() * 1000)
+        self._stop = trio.Event()
+        self._stopping = False
+
+    # ---- start-up ---------------------------------------------------------------------------
+    async def run(self) -> int:
+        cfg = self.cfg
+        self.info = info = resolve_model(cfg)
+        log.info("model ok", extra={"model": info.name, "arch": info.architecture, "quant": info.quantization,
+                                    "sha256": info.sha256[:16], "ctx_trained": info.context_length})
+        self.identity = Identity.load_or_create(cfg.identity_path())
+        engines = await trio.to_thread.run_sync(load_engines, cfg, info)
+        if not cfg.skip_benchmark:
+            def progress(frac: float, msg: str) -> None:
+                log.info(f"benchmark {frac * 100:3.0f}%: {msg}")
+
+            prefill, decode = await trio.to_thread.run_sync(lambda: engines[0].measure_speed(progress=progress))
+            self.stats.prefill_tps, self.stats.decode_tps = prefill, decode
+            log.info("benchmark done", extra={"prefill_tps": round(prefill, 1), "decode_tps": round(decode, 1)})
+        ctx = min(cfg.ctx, info.context_length or cfg.ctx)
+        self.service = NodeService(self.identity, Admission(engines, cfg.queue), model_sha256=info.sha256,
+                                   model_name=info.name, context_size=ctx, max_tokens=cfg.max_tokens, stats=self.stats)
+
+        from protocol.p2p import open_mesh_host
+
+        async with open_mesh_host(self.identity, listen_host=cfg.listen_host, listen_port=cfg.port,
+                                  bootstrap=cfg.bootstrap) as host:
+            self.host = host
+            host.set_stream_handler(INFER_PROTOCOL_ID, self.service.handle_stream)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_control, cfg.control_socket(), self._control)
+                nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+                await self._publish()
+                nursery.start_soon(self._advertise_loop)
+                self._write_ready(host)
+                log.info("node ready", extra={"peer": self.identity.peer_id, "addrs": ",".join(host.listen_addrs),
+                                              "slots": cfg.slots, "model": info.name})
+                await self._stop.wait()
+                await self._drain()
+                nursery.cancel_scope.cancel()
+        self._clear_ready()
+        log.info("node stopped", extra={"requests": self.stats.requests_served, "tokens": self.stats.tokens_served})
+        return 0
+
+    # ---- advertising ------------------------------------------------------------------------
+    def _advert(self, draining: bool = False) -> CapacityAdvert:
+        self._seq += 1
+        now = time.time()
+        svc = self.service
+        ttl = 4 * self.cfg.advert_interval
+        return CapacityAdvert(
+            node=self.identity.peer_id, model_sha256=self.info.sha256, model_name=self.info.name,
+            quantization=self.info.quantization, context_size=svc.context_size,
+            prefill_tps=float(self.stats.prefill_tps), decode_tps=float(self.stats.decode_tps),
+            total_slots=svc.admission.total, free_slots=0 if draining else svc.admission.free,
+            seq=self._seq, issued_at=now, expires_at=now + ttl, addrs=list(self.host.listen_addrs)[:16],
+        )
+
+    async def _publish(self, draining: bool = False) -> None:
+        from protocol.discovery import publish_advert
+
+        try:
+            with trio.move_on_after(max(2.0, self.cfg.advert_interval)):
+                await publish_advert(self.host, self.identity, self._advert(draining))
+        except Exception as e:
+            log.warning(f"advert publish failed: {e}")
+
+    async def _advertise_loop(self) -> None:
+        while not self._stopping:
+            await trio.sleep(self.cfg.advert_interval)
+            if not self._stopping:
+                await self._publish()
+
+    # ---- stopping ---------------------------------------------------------------------------
+    async def _watch_signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for sig in signals:
+                if self._stopping:
+                    log.warning("second signal: exiting now")
+                    self._clear_ready()
+                    os._exit(130)
+                log.info(f"received {signal.Signals(sig).name}: draining (a second Ctrl-C exits at once)")
+                self.request_stop()
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        grace = self.cfg.drain_seconds
+        svc = self.service
+        active = svc.admission.active
+        log.info("leaving the mesh", extra={"in_flight": active, "grace_s": grace})
+        await svc.announce_leaving(grace)
+        await self._publish(draining=True)
+        with trio.move_on_after(grace) as cs:
+            await svc.admission.wait_idle()
+        if cs.cancelled_caught:
+            log.warning("grace period over: cancelling unfinished generations", extra={"in_flight": svc.admission.active})
+            svc.cancel_all()
+            with trio.move_on_after(5):
+                await svc.admission.wait_idle()
+        # Let the final frames of just-finished requests reach their entries.
+        with trio.move_on_after(1.0):
+            while svc.sessions:
+                await trio.sleep(0.05)
+
+    # ---- control socket and state files -------------------------------------------------------
+    def status_dict(self) -> dict:
+        svc, info = self.service, self.info
+        a = svc.admission
+        return {
+            "ok": True,
+            "peer_id": self.identity.peer_id,
+            "addrs": list(self.host.listen_addrs) if self.host else [],
+            "model": {"name": info.name, "sha256": info.sha256, "quantization": info.quantization,
+                      "architecture": info.architecture, "path": str(info.path), "context_size": svc.context_size},
+            "slots": a.total, "active": a.active, "queued": a.queued, "queue_limit": a.queue_limit,
+            "draining": a.draining,
+            "prefill_tps": self.stats.prefill_tps, "decode_tps": self.stats.decode_tps,
+            "requests_served": self.stats.requests_served, "requests_failed": self.stats.requests_failed,
+            "tokens_served": self.stats.tokens_served,
+            "uptime_s": round(time.time() - self.stats.started_at, 1), "pid": os.getpid(),
+        }
+
+    async def _control(self, request: dict) -> dict:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return self.status_dict()
+        if cmd == "stop":
+            self.request_stop()
+            return {"ok": True, "stopping": True, "in_flight": self.service.admission.active, "grace_s": self.cfg.drain_seconds}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _ready_path(self) -> Path:
+        return self.cfg.state_path() / "ready.json"
+
+    def _write_ready(self, host) -> None:
+        path = self._ready_path()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"peer_id": self.identity.peer_id, "addrs": list(host.listen_addrs),
+                                   "pid": os.getpid(), "model_sha256": self.info.sha256}))
+        tmp.replace(path)  # atomic: readers never see half a file
+
+    def _clear_ready(self) -> None:
+        try:
+            self._ready_path().unlink()
+        except FileNotFoundError:
+            pass

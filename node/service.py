@@ -1,0 +1,310 @@
+"""The node's side of /mesh/infer/1: one handler per incoming stream.
+
+A stream carries any number of status queries and at most one generation at a time. The
+generation runs in a worker thread (llama.cpp blocks); tokens cross to the trio loop through a
+memory channel and leave in frames that carry every token ready at that moment, so fast
+decoding costs few stream writes while the first token still leaves at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import trio
+
+from protocol.errors import ProtocolError
+from protocol.framing import FrameReader, FrameWriter
+from protocol.identity import Identity
+from protocol.messages import (
+    ERR_BUSY, ERR_CANCELLED, ERR_INTERNAL, ERR_INVALID, ERR_LEAVING, ERR_TOO_LONG, ERR_UNKNOWN_MODEL,
+    Cancel, Error, Final, InferRequest, Leaving, StatusQuery, StatusReply, TokenChunk, parse_message, to_wire,
+)
+from protocol.records import WorkReceipt, token_digest
+
+from .admission import Admission, Busy, Draining
+
+log = logging.getLogger("mesh.node.service")
+
+MAX_TOKENS_PER_FRAME = 32
+
+
+class ByteStream(Protocol):
+    async def read(self, n: int) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass
+class NodeStats:
+    started_at: float = field(default_factory=time.time)
+    requests_served: int = 0
+    requests_failed: int = 0
+    tokens_served: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+
+
+class Session:
+    """One open stream; writes are serialized so a Leaving notice never splits a frame."""
+
+    def __init__(self, stream: ByteStream, remote: str):
+        self.stream = stream
+        self.remote = remote
+        self.writer = FrameWriter(stream)
+        self.lock = trio.Lock()
+        self.closed = False
+
+    async def send(self, *messages) -> None:
+        async with self.lock:
+            await self.writer.write_frames([to_wire(m) for m in messages])
+
+
+class NodeService:
+    def __init__(self, identity: Identity, admission: Admission, *, model_sha256: str, model_name: str,
+                 context_size: int, max_tokens: int, stats: NodeStats | None = None):
+        self.identity = identity
+        self.admission = admission
+        self.model_sha256 = model_sha256
+        self.model_name = model_name
+        self.context_size = context_size
+        self.max_tokens = max_tokens
+        self.stats = stats or NodeStats()
+        self.sessions: set[Session] = set()
+        self.grace_seconds = 0.0
+        self._live_cancels: set[threading.Event] = set()  # one per running generation
+
+    # ---- status ----------------------------------------------------------------------------
+    def status(self) -> StatusReply:
+        a = self.admission
+        return StatusReply(self.model_sha256, self.model_name, a.total, a.free, a.queued, a.queue_limit,
+                           self.stats.prefill_tps, self.stats.decode_tps, self.stats.tokens_served,
+                           a.draining, self.context_size)
+
+    # ---- leaving -----------------------------------------------------------------------------
+    async def announce_leaving(self, grace_seconds: float) -> None:
+        """Refuse new work at once and tell every connected entry, so they route elsewhere
+        before their next request rather than after a failed one."""
+        self.grace_seconds = grace_seconds
+        self.admission.start_draining()
+        for s in list(self.sessions):
+            with trio.move_on_after(1.0):
+                try:
+                    await s.send(Leaving(grace_seconds))
+                except Exception:
+                    pass
+
+    # ---- stream handling ---------------------------------------------------------------------
+    async def handle_stream(self, stream: ByteStream, remote: str) -> None:
+        session = Session(stream, remote)
+        self.sessions.add(session)
+        try:
+            await self._serve(session)
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, EOFError, ConnectionError):
+            pass
+        except Exception as e:  # a peer's stream must never take the node down
+            if not _is_stream_failure(e):
+                log.exception("stream handler failed", extra={"peer": _short(remote)})
+        finally:
+            self.sessions.discard(session)
+            with trio.move_on_after(1.0) as cs:
+                cs.shield = True
+                try:
+                    await stream.close()
+                except Exception:
+                    pass
+
+    async def _serve(self, session: Session) -> None:
+        reader = FrameReader(session.stream)
+        while True:
+            try:
+                frame = await reader.read_frame()
+            except ProtocolError as e:
+                await session.send(Error(ERR_INVALID, str(e)))
+                return
+            if frame is None:
+                return
+            try:
+                msg = parse_message(frame)
+            except ProtocolError as e:
+                await session.send(Error(ERR_INVALID, str(e), _request_id_of(frame)))
+                return  # after a protocol violation the stream's state can't be trusted
+            if isinstance(msg, StatusQuery):
+                await session.send(self.status())
+            elif isinstance(msg, InferRequest):
+                if not await self._run_request(session, reader, msg):
+                    return
+            elif isinstance(msg, Cancel):
+                continue  # cancel for a request that already ended: harmless
+            else:
+                await session.send(Error(ERR_INVALID, f"a node does not accept {msg.T!r} messages"))
+                return
+
+    async def _run_request(self, session: Session, reader: FrameReader, req: InferRequest) -> bool:
+        """Serve one generation. Returns whether the stream may carry more messages."""
+        rid = req.request_id
+        if req.model_sha256 != self.model_sha256:
+            await session.send(Error(ERR_UNKNOWN_MODEL, f"this node serves model {self.model_sha256[:12]}…, not {req.model_sha256[:12]}…", rid))
+            return True
+        if req.params.max_tokens > self.max_tokens:
+            req.params.max_tokens = self.max_tokens  # the node's limit, stated in its advert
+        try:
+            async with self.admission.slot() as engine:
+                return await self._generate(session, reader, req, engine)
+        except Busy:
+            await session.send(Error(ERR_BUSY, "all slots are busy and the queue is full", rid, retry_after=1.0))
+            return True
+        except Draining:
+            await session.send(Error(ERR_LEAVING, "this node is leaving the mesh", rid))
+            return True
+
+    async def _generate(self, session: Session, reader: FrameReader, req: InferRequest, engine) -> bool:
+        rid = req.request_id
+        cancel = threading.Event()
+        send_tokens, recv_tokens = trio.open_memory_channel(float("inf"))
+        outcome: dict[str, Any] = {}
+        token = trio.lowlevel.current_trio_token()
+
+        def work() -> None:
+            try:
+                gen = engine.run(req, cancel=cancel)
+                outcome["prompt_tokens"] = gen.prompt_tokens
+                outcome["seed"] = gen.seed
+                with gen:
+                    for step in gen:
+                        if step.finish_reason is not None:
+                            outcome["finish"] = step.finish_reason
+                        if step.token is not None or step.text:
+                            trio.from_thread.run_sync(send_tokens.send_nowait, step, trio_token=token)
+            except Exception as e:
+                outcome["error"] = e
+            finally:
+                trio.from_thread.run_sync(send_tokens.close, trio_token=token)
+
+        ids: list[int] = []
+        peer_gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_peer() -> None:
+                # The requester may cancel, or vanish (EOF/reset): either way stop generating.
+                nonlocal peer_gone
+                try:
+                    while True:
+                        frame = await reader.read_frame()
+                        if frame is None:
+                            peer_gone = True
+                            break
+                        try:
+                            msg = parse_message(frame)
+                        except ProtocolError:
+                            peer_gone = True
+                            break
+                        if isinstance(msg, Cancel) and msg.request_id == rid:
+                            break
+                        if isinstance(msg, StatusQuery):
+                            await session.send(self.status())
+                except Exception:
+                    peer_gone = True
+                cancel.set()
+
+            async def run_worker() -> None:
+                await trio.to_thread.run_sync(work)
+
+            async def relay() -> None:
+                nonlocal peer_gone
+                async for step in recv_tokens:
+                    batch = [step]
+                    while len(batch) < MAX_TOKENS_PER_FRAME:
+                        try:
+                            batch.append(recv_tokens.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    if cancel.is_set():
+                        continue  # drain the channel so the worker never blocks
+                    try:
+                        await session.send(_chunk(rid, batch, req))
+                    except Exception:
+                        peer_gone = True
+                        cancel.set()
+                        continue
+                    sent = [s.token for s in batch if s.token is not None]
+                    ids.extend(sent)
+                    self.stats.tokens_served += len(sent)
+
+            nursery.start_soon(watch_peer)
+            nursery.start_soon(run_worker)
+            # Registered so the drain deadline can stop this generation.
+            self._live_cancels.add(cancel)
+            try:
+                await relay()
+            finally:
+                self._live_cancels.discard(cancel)
+            nursery.cancel_scope.cancel()  # stop watch_peer once the worker is done
+
+        err = outcome.get("error")
+        if err is not None:
+            self.stats.requests_failed += 1
+            code, msg = _error_for(err)
+            log.info("request failed", extra={"request": rid, "code": code})
+            if not peer_gone:
+                await session.send(Error(code, msg, rid))
+            return not peer_gone
+        if cancel.is_set():
+            self.stats.requests_failed += 1
+            if peer_gone:
+                log.info("requester went away; generation stopped", extra={"request": rid, "tokens": len(ids)})
+                return False
+            code = ERR_LEAVING if self.admission.draining else ERR_CANCELLED
+            await session.send(Error(code, "generation cancelled" if code == ERR_CANCELLED else "node left before finishing", rid))
+            return True
+        receipt = WorkReceipt(rid, self.model_sha256, outcome["prompt_tokens"], len(ids), token_digest(ids),
+                              self.identity.peer_id, session.remote, time.time()).sign(self.identity)
+        await session.send(Final(rid, outcome.get("finish", "stop"), outcome["prompt_tokens"], len(ids), receipt, outcome.get("seed")))
+        self.stats.requests_served += 1
+        log.info("request served", extra={"request": rid, "tokens": len(ids), "finish": outcome.get("finish")})
+        return True
+
+    def cancel_all(self) -> None:
+        """Stop every running generation (the drain grace period is over)."""
+        for ev in list(self._live_cancels):
+            ev.set()
+
+
+def _chunk(rid: str, batch: list, req: InferRequest) -> TokenChunk:
+    # The generation's last step may carry only held-back text (token None).
+    toks = [s for s in batch if s.token is not None]
+    return TokenChunk(
+        rid,
+        [s.token for s in toks],
+        "".join(s.text for s in batch),
+        [s.logprob for s in toks] if req.logprobs else None,
+        [[list(p) for p in (s.top or [])] for s in toks] if req.logprobs and req.top_logprobs else None,
+    )
+
+
+def _error_for(e: Exception) -> tuple[str, str]:
+    from .engine import BadRequest, RequestTooLong
+
+    if isinstance(e, RequestTooLong):
+        return ERR_TOO_LONG, str(e)
+    if isinstance(e, BadRequest):
+        return ERR_INVALID, str(e)
+    log.error("generation failed: %s", e, exc_info=e)
+    return ERR_INTERNAL, "the node failed while generating"
+
+
+def _request_id_of(frame: dict) -> str | None:
+    rid = frame.get("id")
+    return rid if isinstance(rid, str) and len(rid) <= 64 else None
+
+
+def _is_stream_failure(e: Exception) -> bool:
+    name = type(e).__name__
+    return any(k in name for k in ("Stream", "Reset", "Closed", "EOF", "Broken"))
+
+
+def _short(peer: str) -> str:
+    return peer[-8:] if peer else "?"

@@ -1,0 +1,94 @@
+"""Finding nodes that serve a model, and announcing that we do.
+
+Provider records only say "this peer once served model M": storers keep them for
+minutes (p2p.PROVIDER_RECORD_TTL_S) whether or not the peer is alive. Liveness comes
+from the signed CapacityAdvert, which expires after seconds and is refreshed by a running
+node: a killed node drops out of discovery once its last advert expires, i.e. within
+ADVERT_TTL_S plus one lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from .dht_keys import advert_key, model_key
+from .errors import RecordError
+from .identity import Identity
+from .p2p import MeshHost, PeerAddrs
+from .records import CapacityAdvert
+
+log = logging.getLogger("mesh.discovery")
+
+# What a node should use (node/ builds the adverts). Refresh at least twice per lifetime so
+# one lost put does not make a live node disappear.
+ADVERT_TTL_S = 15.0
+ADVERT_REFRESH_S = 5.0
+# Re-announce provider records this often: cheap, and keeps new storers (and storers that
+# restarted) informed well within PROVIDER_RECORD_TTL_S. The provide rate limiter in p2p
+# holds it under the storers' ADD_PROVIDER limit whatever the caller asks.
+REPROVIDE_INTERVAL_S = 30.0
+
+
+def next_advert_seq() -> int:
+    """A sequence number that keeps growing across restarts. Storers keep the advert with
+    the highest seq until it expires, so a node that restarted with seq=1 would be shadowed
+    by its own previous advert; microseconds since the epoch avoid that."""
+    return time.time_ns() // 1000
+
+
+async def publish_advert(
+    host: MeshHost,
+    identity: Identity,
+    advert: CapacityAdvert,
+    *,
+    reprovide_interval: float = REPROVIDE_INTERVAL_S,
+    timeout: float = 10.0,
+) -> int:
+    """Store our signed advert and (if due) re-provide the model key.
+
+    Returns how many remote peers accepted the advert: 0 means nobody else can see us yet
+    (alone in the mesh, or every storer refused it)."""
+    blob = advert.sign(identity)
+    stored = await host.put_value(advert_key(identity.peer_id), blob, timeout=timeout)
+    await host.provide(model_key(advert.model_sha256), min_interval=reprovide_interval)
+    return stored
+
+
+async def discover_model(
+    host: MeshHost,
+    model_sha256: str,
+    *,
+    now: float | None = None,
+    timeout: float = 10.0,
+    max_providers: int = 100,
+) -> list[CapacityAdvert]:
+    """Live nodes serving the model, each with a verified advert (signed by that node, for
+    this model, unexpired). Their advertised addresses are fed to the host, so the next
+    open_stream() dials where the node is now, not where it was."""
+    deadline = trio.current_time() + timeout
+    providers = await host.find_providers(model_key(model_sha256), count=max_providers, timeout=timeout / 2)
+    found: dict[str, CapacityAdvert] = {}
+    limiter = trio.CapacityLimiter(8)
+
+    async def check(p: PeerAddrs) -> None:
+        async with limiter:
+            blob = await host.get_value(advert_key(p.peer_id), timeout=max(0.5, deadline - trio.current_time()))
+        if blob is None:
+            return
+        try:
+            adv = CapacityAdvert.verify(blob, now=now, node=p.peer_id, model_sha256=model_sha256)
+        except RecordError as e:
+            log.debug("advert of %s rejected: %s", p.peer_id, e)
+            return
+        host.learn_addrs(p.peer_id, adv.addrs or p.addrs)
+        found[p.peer_id] = adv
+
+    with trio.move_on_at(deadline):
+        async with trio.open_nursery() as nursery:
+            for p in providers:
+                nursery.start_soon(check, p)
+    order = {p.peer_id: i for i, p in enumerate(providers)}
+    return sorted(found.values(), key=lambda a: order.get(a.node, 0))

