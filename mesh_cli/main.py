@@ -19,10 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
         "over libp2p; an entry node offers an OpenAI-compatible API and a web chat.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from . import keys
+    from entry import cli as entry_cli
     from node import cli as node_cli
 
+    from . import demo, keys
+
+    demo.add_parser(sub)
     node_cli.add_parser(sub)
+    entry_cli.add_parser(sub)
     keys.add_parser(sub)
     return parser
 

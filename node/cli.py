@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
                       "Flags override the --config file; the file's [node] table takes the same names with underscores.")
     s.add_argument("--config", help="TOML config file with the same settings (e.g. slots = 2)")
     s.add_argument("--model", help="path to a GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    s.add_argument("--model-name", help="model id users ask for in the API (default: the file name without .gguf)")
     s.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU if llama.cpp was built with GPU support; -1 = all (default 0)")
     s.add_argument("--threads", type=int, help="llama.cpp threads per slot (default: CPU cores / slots)")
     s.add_argument("--ctx", type=int, help="context size in tokens (default 2048)")
@@ -47,7 +48,7 @@ def add_parser(sub) -> None:
         sp.set_defaults(func=cmd_stop if name == "stop" else cmd_status)
 
 
-_START_KEYS = ("model", "gpu_layers", "threads", "ctx", "slots", "queue", "max_tokens", "listen_host", "port",
+_START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
                "log_format", "log_level")
 

@@ -15,6 +15,7 @@ def mesh_home() -> Path:
 @dataclass
 class NodeConfig:
     model: str | None = None  # GGUF path; None = the bundled SmolLM2-135M-Instruct
+    model_name: str | None = None  # the id users ask for; default: the file name without .gguf
     gpu_layers: int = 0  # layers offloaded to the GPU when the build supports it; -1 = all
     threads: int | None = None  # llama.cpp threads per slot; default: cores / slots
     ctx: int = 2048

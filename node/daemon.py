@@ -83,8 +83,9 @@ class NodeDaemon:
             self.stats.prefill_tps, self.stats.decode_tps = prefill, decode
             log.info("benchmark done", extra={"prefill_tps": round(prefill, 1), "decode_tps": round(decode, 1)})
         ctx = min(cfg.ctx, info.context_length or cfg.ctx)
+        self.model_id = cfg.model_name or info.path.name.removesuffix(".gguf")
         self.service = NodeService(self.identity, Admission(engines, cfg.queue), model_sha256=info.sha256,
-                                   model_name=info.name, context_size=ctx, max_tokens=cfg.max_tokens, stats=self.stats)
+                                   model_name=self.model_id, context_size=ctx, max_tokens=cfg.max_tokens, stats=self.stats)
 
         from protocol.p2p import open_mesh_host
 
@@ -99,7 +100,7 @@ class NodeDaemon:
                 nursery.start_soon(self._advertise_loop)
                 self._write_ready(host)
                 log.info("node ready", extra={"peer": self.identity.peer_id, "addrs": ",".join(host.listen_addrs),
-                                              "slots": cfg.slots, "model": info.name})
+                                              "slots": cfg.slots, "model": self.model_id})
                 await self._stop.wait()
                 await self._drain()
                 nursery.cancel_scope.cancel()
@@ -114,7 +115,7 @@ class NodeDaemon:
         svc = self.service
         ttl = 4 * self.cfg.advert_interval
         return CapacityAdvert(
-            node=self.identity.peer_id, model_sha256=self.info.sha256, model_name=self.info.name,
+            node=self.identity.peer_id, model_sha256=self.info.sha256, model_name=self.model_id,
             quantization=self.info.quantization, context_size=svc.context_size,
             prefill_tps=float(self.stats.prefill_tps), decode_tps=float(self.stats.decode_tps),
             total_slots=svc.admission.total, free_slots=0 if draining else svc.admission.free,
@@ -178,7 +179,7 @@ class NodeDaemon:
             "ok": True,
             "peer_id": self.identity.peer_id,
             "addrs": list(self.host.listen_addrs) if self.host else [],
-            "model": {"name": info.name, "sha256": info.sha256, "quantization": info.quantization,
+            "model": {"name": self.model_id, "sha256": info.sha256, "quantization": info.quantization,
                       "architecture": info.architecture, "path": str(info.path), "context_size": svc.context_size},
             "slots": a.total, "active": a.active, "queued": a.queued, "queue_limit": a.queue_limit,
             "draining": a.draining,

@@ -1,8 +1,10 @@
 """DHT keys for discovery, and the validator that guards the advert namespace.
 
-Two kinds of DHT entries:
+Three kinds of DHT entries:
 - provider records under `model_key(sha256)`: "this peer serves model M" (unsigned, kept
   48 h by whoever stores them, so they say nothing about liveness);
+- provider records under `directory_key()`: "this peer serves some model", so an entry can
+  list every model without knowing its digest first (same caveats as above);
 - a signed CapacityAdvert under `advert_key(peer_id)`: liveness and capacity, short expiry.
 
 Every storer and every reader runs `AdvertValidator`, so a forged, mismatched or expired
@@ -22,6 +24,7 @@ from .records import CapacityAdvert
 ADVERT_NAMESPACE = "mesh-advert"
 _ADVERT_PREFIX = f"/{ADVERT_NAMESPACE}/"
 _MODEL_KEY_DOMAIN = b"mesh-model-v1\x00"
+_DIRECTORY_KEY_DOMAIN = b"mesh-directory-v1\x00"
 _SHA256_MULTIHASH_PREFIX = "1220"  # multihash: code 0x12 (sha2-256), length 0x20
 
 
@@ -45,6 +48,13 @@ def model_key(sha256_hex: str) -> str:
     sha = _check_sha256_hex(sha256_hex)
     digest = hashlib.sha256(_MODEL_KEY_DOMAIN + sha.encode()).hexdigest()
     return _SHA256_MULTIHASH_PREFIX + digest
+
+
+def directory_key() -> str:
+    """The key every serving node provide()s, whatever its model: the entry's way to find
+    all nodes (and so all models) with one provider lookup. Its own domain tag keeps it
+    apart from every model key; same hex-multihash form as model_key()."""
+    return _SHA256_MULTIHASH_PREFIX + hashlib.sha256(_DIRECTORY_KEY_DOMAIN).hexdigest()
 
 
 def advert_key(peer_id: str) -> str:

@@ -5,6 +5,9 @@ minutes (p2p.PROVIDER_RECORD_TTL_S) whether or not the peer is alive. Liveness c
 from the signed CapacityAdvert, which expires after seconds and is refreshed by a running
 node: a killed node drops out of discovery once its last advert expires, i.e. within
 ADVERT_TTL_S plus one lookup.
+
+Every serving node also provides the directory key (dht_keys.directory_key), so an entry can
+find all live nodes, and with their adverts all models, without knowing any model digest.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import time
 
 import trio
 
-from .dht_keys import advert_key, model_key
+from .dht_keys import advert_key, directory_key, model_key
 from .errors import RecordError
 from .identity import Identity
 from .p2p import MeshHost, PeerAddrs
-from .records import CapacityAdvert
+from .records import AdvertBook, CapacityAdvert
 
 log = logging.getLogger("mesh.discovery")
 
@@ -47,13 +50,16 @@ async def publish_advert(
     reprovide_interval: float = REPROVIDE_INTERVAL_S,
     timeout: float = 10.0,
 ) -> int:
-    """Store our signed advert and (if due) re-provide the model key.
+    """Store our signed advert and (if due) re-provide the model key and the directory key.
 
     Returns how many remote peers accepted the advert: 0 means nobody else can see us yet
     (alone in the mesh, or every storer refused it)."""
     blob = advert.sign(identity)
     stored = await host.put_value(advert_key(identity.peer_id), blob, timeout=timeout)
+    # Two provides per reprovide_interval; host.provide() paces them under the storers'
+    # ADD_PROVIDER limit, and skips each until it is due again.
     await host.provide(model_key(advert.model_sha256), min_interval=reprovide_interval)
+    await host.provide(directory_key(), min_interval=reprovide_interval)
     return stored
 
 
@@ -70,19 +76,64 @@ async def discover_model(
     open_stream() dials where the node is now, not where it was."""
     deadline = trio.current_time() + timeout
     providers = await host.find_providers(model_key(model_sha256), count=max_providers, timeout=timeout / 2)
+    return await _verified_adverts(host, providers, deadline, now=now, model_sha256=model_sha256)
+
+
+async def discover_all(
+    host: MeshHost,
+    *,
+    now: float | None = None,
+    timeout: float = 10.0,
+    max_providers: int = 200,
+    book: AdvertBook | None = None,
+    reuse_for: float = 0.0,
+) -> list[CapacityAdvert]:
+    """Every live node in the mesh, whatever its model, each with a verified advert.
+
+    With `book`, adverts also pass its replay check; a node whose fetched advert is older
+    than one already seen (a lagging storer answered this time) keeps its newer advert from
+    the book while that is unexpired, rather than vanishing for a round. An advert in the
+    book still valid `reuse_for` seconds from now is reused without a lookup: a caller that
+    polls often (an entry) then fetches each advert about once per lifetime, not per round."""
+    deadline = trio.current_time() + timeout
+    providers = await host.find_providers(directory_key(), count=max_providers, timeout=timeout / 2)
+    return await _verified_adverts(host, providers, deadline, now=now, book=book, reuse_for=reuse_for)
+
+
+async def _verified_adverts(
+    host: MeshHost,
+    providers: list[PeerAddrs],
+    deadline: float,
+    *,
+    now: float | None = None,
+    model_sha256: str | None = None,
+    book: AdvertBook | None = None,
+    reuse_for: float = 0.0,
+) -> list[CapacityAdvert]:
     found: dict[str, CapacityAdvert] = {}
     limiter = trio.CapacityLimiter(8)
+    t_now = time.time() if now is None else now
 
     async def check(p: PeerAddrs) -> None:
+        if book is not None and reuse_for > 0:
+            kept = book.current(p.peer_id, now=t_now + reuse_for)
+            if kept is not None:
+                found[p.peer_id] = kept
+                return
         async with limiter:
             blob = await host.get_value(advert_key(p.peer_id), timeout=max(0.5, deadline - trio.current_time()))
         if blob is None:
             return
         try:
             adv = CapacityAdvert.verify(blob, now=now, node=p.peer_id, model_sha256=model_sha256)
+            if book is not None:
+                adv = book.accept(blob, now=now)
         except RecordError as e:
-            log.debug("advert of %s rejected: %s", p.peer_id, e)
-            return
+            kept = book.current(p.peer_id, now=now) if book is not None else None
+            if kept is None:
+                log.debug("advert of %s rejected: %s", p.peer_id, e)
+                return
+            adv = kept
         host.learn_addrs(p.peer_id, adv.addrs or p.addrs)
         found[p.peer_id] = adv
 

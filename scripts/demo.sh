@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets everything up, then starts a local mesh on loopback with the bundled model.
-# Extra arguments go to the node. Ctrl-C drains and stops it.
+# Sets everything up, then runs a local mesh on loopback: an entry (web chat + OpenAI API on
+# http://127.0.0.1:8000) and two nodes on the bundled model. Extra arguments go to `mesh demo`
+# (e.g. --port 8080). Ctrl-C drains the nodes and stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MESH_HOME="${MESH_HOME:-$PWD/.mesh-demo}"
-exec .venv/bin/mesh node start --port "${MESH_NODE_PORT:-4001}" "$@"
+exec .venv/bin/mesh demo "$@"

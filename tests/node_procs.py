@@ -78,3 +78,34 @@ async def start_node(tmp: Path, name: str, *args: str, limit: float = 120.0) -> 
     info = json.loads(ready.read_text())
     node.peer_id, node.addrs = info["peer_id"], info["addrs"]
     return node
+
+
+def wait_ready_sync(node: NodeProc, limit: float = 120.0) -> dict:
+    """Blocking twin of start_node's wait, for fixtures outside trio."""
+    import time
+
+    ready = node.state_dir / "ready.json"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if ready.exists():
+            try:
+                return json.loads(ready.read_text())
+            except ValueError:
+                pass  # mid-replace
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"{node.state_dir.name} exited with {node.proc.returncode}:\n{node.log()[-3000:]}")
+        time.sleep(0.05)
+    node.stop()
+    raise RuntimeError(f"{node.state_dir.name} not ready within {limit} s:\n{node.log()[-3000:]}")
+
+
+def spawn_entry(tmp: Path, name: str, *args: str) -> NodeProc:
+    """An entry daemon (`mesh entry start`), HTTP on a free port; its ready file holds the URL."""
+    state = tmp / name
+    state.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / f"{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_HOME": str(tmp / "mesh-home")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(mesh_cmd("entry", "start", "--http-port", "0", "--state-dir", str(state), *args),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, env=env)
+    return NodeProc(proc, state, log_path)

@@ -12,6 +12,7 @@ from protocol.dht_keys import (
     ADVERT_NAMESPACE,
     AdvertValidator,
     advert_key,
+    directory_key,
     model_key,
     peer_id_from_advert_key,
 )
@@ -39,6 +40,15 @@ def test_model_key_is_a_domain_separated_sha256_multihash():
     assert key == model_key(SHA.upper())
     assert model_key("cd" * 32) != key
     assert raw[2:] == hashlib.sha256(b"mesh-model-v1\x00" + SHA.encode()).digest()
+
+
+def test_directory_key_is_a_fixed_multihash_apart_from_every_model_key():
+    key = directory_key()
+    raw = bytes.fromhex(key)
+    assert raw[:2] == b"\x12\x20" and len(raw) == 34
+    assert key == directory_key()  # every node and entry must agree on it
+    assert raw[2:] == hashlib.sha256(b"mesh-directory-v1\x00").digest()
+    assert key not in {model_key(SHA), model_key("00" * 32), model_key(hashlib.sha256(b"").hexdigest())}
 
 
 @pytest.mark.parametrize("bad", ["", "ab", "zz" * 32, "ab" * 33, None])

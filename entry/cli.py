@@ -1,0 +1,62 @@
+"""`mesh entry start|keys`: the gateway users talk to."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mesh_cli.logs import add_logging_args, setup_logging
+
+from .config import load_entry_config
+from .keys_cli import add_keys_parser
+
+_START_KEYS = ("http_host", "http_port", "listen_host", "p2p_port", "bootstrap", "identity", "state_dir", "keys_db",
+               "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "log_format", "log_level")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("entry", help="run the entry node (OpenAI-compatible API + web chat) or manage its API keys",
+                       description="The entry node: an OpenAI-compatible API and a web chat that route each request to a mesh node.")
+    es = p.add_subparsers(dest="entry_cmd", required=True, metavar="COMMAND")
+    s = es.add_parser("start", help="serve the API and web chat until Ctrl-C",
+                      description="Join the mesh, keep a live view of its nodes, and serve /v1/chat/completions, "
+                      "/v1/completions, /v1/models, /v1/mesh/nodes, /health, /metrics and the web chat at /. "
+                      "Flags override the --config file's [entry] table (same names in snake_case).")
+    s.add_argument("--config", help="TOML config file")
+    s.add_argument("--http-host", help="HTTP address (default 127.0.0.1)")
+    s.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0 = any free port)")
+    s.add_argument("--listen-host", help="libp2p address (default 127.0.0.1)")
+    s.add_argument("--p2p-port", type=int, help="libp2p TCP port (default: any free port)")
+    s.add_argument("--bootstrap", action="append", help="multiaddr of a mesh peer to join through (repeatable)")
+    s.add_argument("--identity", help="identity key file (default: STATE_DIR/entry.key, created if missing)")
+    s.add_argument("--state-dir", help="directory for the identity key and ready file (default: ~/.mesh/entry)")
+    s.add_argument("--keys-db", help="API key database (default: ~/.mesh/entry/keys.db, where `mesh entry keys` writes)")
+    s.add_argument("--open", action="store_true", default=None, help="no API keys needed (for a local mesh)")
+    s.add_argument("--rpm", type=int, help="default requests per minute per key (open mode: for all callers together)")
+    s.add_argument("--tpm", type=int, help="default completion tokens per minute per key")
+    s.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 1000000)")
+    s.add_argument("--first-token-timeout", type=float, help="seconds to wait for a node's first token before failing over (default 60)")
+    s.add_argument("--token-timeout", type=float, help="longest silence between tokens before failing over (default 10)")
+    add_logging_args(s)
+    s.set_defaults(func=cmd_start, log_format=None, log_level=None)
+    add_keys_parser(es)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    import trio
+
+    from mesh_cli.main import CliError
+    from protocol.errors import IdentityError
+
+    from .daemon import EntryDaemon
+
+    try:
+        cfg = load_entry_config(args.config, {k: getattr(args, k) for k in _START_KEYS})
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    setup_logging(cfg.log_format, cfg.log_level)
+    try:
+        return trio.run(EntryDaemon(cfg).run)
+    except (IdentityError, OSError) as e:
+        logging.getLogger("mesh.entry").debug("start failed", exc_info=True)
+        raise CliError(str(e)) from None

@@ -1,0 +1,74 @@
+"""Entry settings: defaults, then a TOML file ([entry] table), then command-line flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from node.config import mesh_home
+
+
+@dataclass
+class EntryConfig:
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    listen_host: str = "127.0.0.1"  # libp2p
+    p2p_port: int = 0  # 0 = any free port
+    bootstrap: list[str] = field(default_factory=list)
+    identity: str | None = None  # default STATE_DIR/entry.key
+    state_dir: str | None = None  # default $MESH_HOME/entry
+    keys_db: str | None = None  # default $MESH_HOME/entry/keys.db, where `mesh entry keys` writes
+    open: bool = False  # no API keys needed (a local mesh)
+    rpm: int | None = None  # default requests/minute per key (open mode: for everyone together)
+    tpm: int | None = None  # default completion tokens/minute per key
+    max_body_bytes: int = 1_000_000
+    first_token_timeout: float = 60.0
+    token_timeout: float = 10.0
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else mesh_home() / "entry"
+
+    def identity_path(self) -> Path:
+        return Path(self.identity) if self.identity else self.state_path() / "entry.key"
+
+    def keys_path(self) -> Path:
+        from .apikeys import default_keys_path
+
+        return Path(self.keys_db) if self.keys_db else default_keys_path()
+
+    def validate(self) -> None:
+        for name in ("http_port", "p2p_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"--{name.replace('_', '-')} must be in 0-65535")
+        if self.max_body_bytes < 1024:
+            raise ValueError("--max-body-bytes must be at least 1024")
+        if self.first_token_timeout <= 0 or self.token_timeout <= 0:
+            raise ValueError("timeouts must be > 0")
+        for name in ("rpm", "tpm"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name} must be at least 1")
+
+
+def load_entry_config(path: str | None, overrides: dict) -> EntryConfig:
+    values: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+        data = data.get("entry", data)
+        unknown = sorted(set(data) - {f.name for f in fields(EntryConfig)})
+        if unknown:
+            raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+        values.update(data)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = EntryConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,70 @@
+"""The entry daemon: libp2p host + live mesh view + HTTP API in one trio loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+from protocol.identity import Identity
+from protocol.p2p import open_mesh_host
+
+from .api import create_app, serve_api
+from .apikeys import ApiKeyStore
+from .config import EntryConfig
+from .mesh_backend import MeshBackendConfig, open_mesh_backend
+from .metrics import Metrics
+from .ratelimit import RateLimits
+
+log = logging.getLogger("mesh.entry")
+
+
+class EntryDaemon:
+    def __init__(self, cfg: EntryConfig):
+        self.cfg = cfg
+        self.ready_path = cfg.state_path() / "ready.json"
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        identity = Identity.load_or_create(cfg.identity_path())
+        keys = None if cfg.open else ApiKeyStore(cfg.keys_path())
+        if keys is not None and not keys.list():
+            log.warning("no API keys exist yet: create one with `mesh entry keys create --name NAME`, or start with --open")
+        backend_cfg = MeshBackendConfig(first_token_timeout=cfg.first_token_timeout, token_timeout=cfg.token_timeout)
+        async with open_mesh_host(identity, listen_host=cfg.listen_host, listen_port=cfg.p2p_port,
+                                  bootstrap=cfg.bootstrap) as host:
+            async with open_mesh_backend(host, config=backend_cfg) as backend:
+                app = create_app(backend, keys=keys, open_mode=cfg.open, limits=RateLimits(rpm=cfg.rpm, tpm=cfg.tpm),
+                                 metrics=Metrics(), max_body_bytes=cfg.max_body_bytes)
+                async with trio.open_nursery() as nursery:
+                    port = await nursery.start(serve_api, app, cfg.http_host, cfg.http_port)
+                    url = f"http://{cfg.http_host}:{port}"
+                    self._write_ready(url, identity.peer_id, host.listen_addrs)
+                    log.info("entry ready", extra={"url": url, "p2p": ",".join(host.listen_addrs),
+                                                   "mode": "open" if cfg.open else "api keys"})
+                    await self._wait_for_signal()
+                    log.info("stopping")
+                    nursery.cancel_scope.cancel()
+        self._clear_ready()
+        return 0
+
+    async def _wait_for_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                return
+
+    def _write_ready(self, url: str, peer_id: str, addrs: list[str]) -> None:
+        self.ready_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ready_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": url, "peer_id": peer_id, "p2p_addrs": list(addrs), "pid": os.getpid()}))
+        tmp.replace(self.ready_path)
+
+    def _clear_ready(self) -> None:
+        try:
+            self.ready_path.unlink()
+        except FileNotFoundError:
+            pass
