@@ -49,6 +49,9 @@ log = logging.getLogger("mesh.entry.backend")
 PREFILL_FLOOR_TPS = 50.0
 REPLAY_FLOOR_TPS = 20.0
 CHARS_PER_TOKEN = 3.0  # a generous guess: more tokens -> more patience
+# A node whose status stream was lost is abandoned at once if our generation stream has
+# also been quiet this long (hung or cut off); if tokens still flow, it is kept.
+HUNG_AFTER_S = 1.0
 
 
 @dataclass
@@ -146,6 +149,7 @@ class _Attempt:
         self.host, self.view, self.node, self.request, self.config = host, view, node, request, config
         self.stream = None
         self.reader: FrameReader | None = None
+        self.last_frame_at = trio.current_time()
 
     async def open(self) -> None:
         self.stream = await self.host.open_stream(self.node.peer_id, INFER_PROTOCOL_ID, self.node.advert.addrs,
@@ -154,24 +158,41 @@ class _Attempt:
         await FrameWriter(self.stream).write_frame(to_wire(self.request))
 
     async def next(self, timeout: float) -> TokenChunk | Final:
+        """The node's next token chunk or final frame, within `timeout` seconds."""
+        deadline = trio.current_time() + timeout
+        while True:
+            # The view cancels this scope when the node stops answering status queries.
+            with trio.CancelScope(deadline=deadline) as scope:
+                self.node.interrupts.add(scope)
+                try:
+                    return await self._read()
+                finally:
+                    self.node.interrupts.discard(scope)
+            if trio.current_time() >= deadline:
+                raise _Silent(f"nothing from the node for {timeout:.1f}s")
+            if trio.current_time() - self.last_frame_at >= HUNG_AFTER_S:
+                raise _Silent("the node stopped answering status queries and streaming")
+            # Its status stream broke but this stream is alive: trust the tokens, keep reading.
+
+    async def _read(self) -> TokenChunk | Final:
+        # Cancel-safe: a partly read frame stays in the FrameReader's buffer for the next call.
         rid = self.request.request_id
-        with trio.move_on_after(timeout):
-            while True:
-                frame = await self.reader.read_frame()
-                if frame is None:
-                    raise StreamBroken("node closed the stream before the final frame")
-                msg = parse_message(frame)
-                if isinstance(msg, (TokenChunk, Final)):
-                    if msg.request_id != rid:
-                        raise ProtocolError(f"{msg.T} frame for another request")
-                    return msg
-                if isinstance(msg, Error):
-                    raise NodeError(msg)
-                if isinstance(msg, Leaving):
-                    self.view.mark_leaving(self.node)  # it finishes this one within its grace
-                elif not isinstance(msg, StatusReply):
-                    raise ProtocolError(f"unexpected {msg.T!r} frame during a generation")
-        raise _Silent(f"nothing from the node for {timeout:.1f}s")
+        while True:
+            frame = await self.reader.read_frame()
+            if frame is None:
+                raise StreamBroken("node closed the stream before the final frame")
+            self.last_frame_at = trio.current_time()
+            msg = parse_message(frame)
+            if isinstance(msg, (TokenChunk, Final)):
+                if msg.request_id != rid:
+                    raise ProtocolError(f"{msg.T} frame for another request")
+                return msg
+            if isinstance(msg, Error):
+                raise NodeError(msg)
+            if isinstance(msg, Leaving):
+                self.view.mark_leaving(self.node)  # it finishes this one within its grace
+            elif not isinstance(msg, StatusReply):
+                raise ProtocolError(f"unexpected {msg.T!r} frame during a generation")
 
     async def _bounded(self, fn) -> None:
         # Runs while the consumer's task may be cancelled: shielded, but never for long.
@@ -464,9 +485,16 @@ async def open_mesh_backend(
                 ...
     """
     view = MeshView(host, **view_options)
+    # The caller's error is re-raised once the nursery has closed: raised inside it, trio
+    # would hand the caller an ExceptionGroup instead of the error itself.
+    deferred: Exception | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(view.run)
         try:
             yield MeshBackend(host, view, config=config, on_receipt=on_receipt)
+        except Exception as e:
+            deferred = e
         finally:
             nursery.cancel_scope.cancel()
+    if deferred is not None:
+        raise deferred

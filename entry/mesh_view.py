@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -85,6 +85,10 @@ class NodeState:
     cooldown_until: float = 0.0
     reputation: float = REPUTATION_NEUTRAL
     last_seen: float = 0.0
+    # Cancel scopes of our generations' reads on this node, interrupted when its status
+    # stream is lost, so a hung node is abandoned after status_timeout rather than after the
+    # (much longer) token timeouts.
+    interrupts: set = field(default_factory=set, repr=False, compare=False)
 
     @property
     def model_sha256(self) -> str:
@@ -273,6 +277,12 @@ class MeshView:
                                         "cooldown_s": round(node.cooldown_until - time.monotonic(), 1)})
         self.notify()
 
+    def interrupt(self, node: NodeState) -> None:
+        """Its status stream was lost: wake our generations waiting on it to check on theirs."""
+        node.connected = False
+        for scope in list(node.interrupts):
+            scope.cancel()
+
     # -- running ----------------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -367,6 +377,7 @@ class MeshView:
                     node.penalize(time.monotonic(), PENALTY_DISCONNECT)
                     # Fetch its advert afresh next round: it may have restarted elsewhere.
                     self._book.forget(node.peer_id)
+                    self.interrupt(node)
                     log.info("node lost", extra={"node": node.pseudonym, "reason": str(lost), "was_connected": was_connected})
             self.notify()
 

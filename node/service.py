@@ -65,7 +65,8 @@ class Session:
 
 class NodeService:
     def __init__(self, identity: Identity, admission: Admission, *, model_sha256: str, model_name: str,
-                 context_size: int, max_tokens: int, stats: NodeStats | None = None):
+                 context_size: int, max_tokens: int, stats: NodeStats | None = None,
+                 on_receipt: Callable[[bytes], None] | None = None):
         self.identity = identity
         self.admission = admission
         self.model_sha256 = model_sha256
@@ -73,6 +74,9 @@ class NodeService:
         self.context_size = context_size
         self.max_tokens = max_tokens
         self.stats = stats or NodeStats()
+        # Called with every receipt this node signs, so the volunteer keeps their own record
+        # to check the entry's credit statements against.
+        self.on_receipt = on_receipt
         self.sessions: set[Session] = set()
         self.grace_seconds = 0.0
         self._live_cancels: set[threading.Event] = set()  # one per running generation
@@ -262,6 +266,11 @@ class NodeService:
             return True
         receipt = WorkReceipt(rid, self.model_sha256, outcome["prompt_tokens"], len(ids), token_digest(ids),
                               self.identity.peer_id, session.remote, time.time()).sign(self.identity)
+        if self.on_receipt is not None:
+            try:
+                self.on_receipt(receipt)
+            except Exception:
+                log.exception("keeping a receipt failed")
         await session.send(Final(rid, outcome.get("finish", "stop"), outcome["prompt_tokens"], len(ids), receipt, outcome.get("seed")))
         self.stats.requests_served += 1
         log.info("request served", extra={"request": rid, "tokens": len(ids), "finish": outcome.get("finish")})

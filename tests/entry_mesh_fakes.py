@@ -40,8 +40,16 @@ class FakeHost:
             raise DialError(f"cannot reach {peer_id}")
         self.opened.append(peer_id)
         client, server = trio.testing.memory_stream_pair()
-        self.nursery.start_soon(handler, FakeStream(server), self.peer_id)
+        self.nursery.start_soon(_serve, handler, FakeStream(server), self.peer_id)
         return FakeStream(client)
+
+
+async def _serve(handler, stream: FakeStream, remote: str) -> None:
+    # Like a real node: the entry hanging up on a stream is not the node's crash.
+    try:
+        await handler(stream, remote)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 def add_node(host: FakeHost, view: MeshView, service: NodeService, handler=None, *, peer_id: str | None = None,

@@ -187,9 +187,11 @@ async def test_busy_unknown_cancel_and_no_node(tmp_path, endless):
         print(f"\nkilled idle node: out of routing in {left * 1000:.0f} ms, out of the view (advert expiry) {gone:.1f}s later")
 
 
-async def test_silent_node_is_abandoned_after_the_token_timeout(tmp_path, endless):
+async def test_hung_node_is_abandoned_once_it_stops_answering_status(tmp_path, endless):
+    """SIGSTOP: the connection stays up but nothing comes back. The view's status stream
+    notices within status_timeout (2 s here), long before the 30 s token timeout."""
     model, sha = endless
-    cfg = MeshBackendConfig(token_timeout=3.0)
+    cfg = MeshBackendConfig(token_timeout=30.0)
     async with entry_with_nodes(tmp_path, model, node_args=CTX, config=cfg) as (host, backend, nodes):
         await wait_for(lambda: all(routable(backend, n) for n in nodes), 20, "both nodes routable")
         reference = await direct(host, nodes[0], sha, PROMPT, LONG)
@@ -198,15 +200,20 @@ async def test_silent_node_is_abandoned_after_the_token_timeout(tmp_path, endles
         async def freeze_on_first_token(ev: TokenEvent, ids: list[int]) -> None:
             if not frozen:
                 frozen["node"] = victim = serving_node(backend, nodes)
+                frozen.update(at=time.monotonic(), tokens=len(ids))
                 victim.signal(signal.SIGSTOP)
+            elif "gap" not in frozen and len(ids) > frozen["tokens"]:
+                frozen["gap"] = time.monotonic() - frozen["at"]
 
         try:
-            ids, _, done = await collect(backend, completion_spec(MODEL_ID, PROMPT, LONG), freeze_on_first_token)
+            with trio.fail_after(25):
+                ids, _, done = await collect(backend, completion_spec(MODEL_ID, PROMPT, LONG), freeze_on_first_token)
             assert ids == reference and done.failovers == 1 and len(done.served_by) == 2
             # Out of routing (its advert may even have expired by now: a stopped node stops
             # refreshing it), and marked down for failing us.
             [st] = [n for n in backend.view.all_nodes() if n.peer_id == frozen["node"].peer_id]
             assert not st.routable(time.monotonic()) and st.total_failures >= 1
+            print(f"\nhung node (SIGSTOP): next token {frozen['gap']:.1f}s later, on the other node")
         finally:
             if frozen:
                 frozen["node"].signal(signal.SIGCONT)

@@ -12,10 +12,11 @@ from contextlib import aclosing, asynccontextmanager
 import pytest
 import trio
 
-from entry.backend import GenerationSpec, InvalidGeneration, MeshUnavailable, TokenEvent
-from entry.mesh_backend import MeshBackend, MeshBackendConfig
+from entry.backend import GenerationSpec, InvalidGeneration, MeshUnavailable, TokenEvent, UnknownModel
+from entry.mesh_backend import MeshBackend, MeshBackendConfig, open_mesh_backend
 from entry.mesh_view import MeshView
 from protocol.identity import Identity
+from protocol.p2p import open_mesh_host
 
 from tests.entry_mesh_fakes import FakeHost, add_node, faulty
 from tests.entry_mesh_model import write_endless_llama
@@ -181,3 +182,57 @@ async def test_closing_the_stream_early_cancels_on_the_node(model):
             while service.admission.free != 1 or service.stats.requests_failed != 1:
                 await trio.sleep(0.01)
         assert service.stats.tokens_served < 400
+
+
+async def test_empty_mesh_and_errors_pass_through_unwrapped():
+    async with open_mesh_host(Identity.generate()) as host:
+        with pytest.raises(KeyError):  # not an ExceptionGroup around it
+            async with open_mesh_backend(host) as backend:
+                assert backend.models() == [] and backend.nodes_view() == []
+                assert backend.metrics()["mesh_nodes_known"] == 0
+                with pytest.raises(UnknownModel):
+                    await collect(backend, completion_spec("anything", PROMPT, 4))
+                raise KeyError("the caller's own error")
+
+
+async def test_hung_node_is_abandoned_when_its_status_stream_is_lost(model):
+    """The view noticed the node stopped answering status: our silent stream is given up at
+    once instead of after the token timeout."""
+    config = MeshBackendConfig(first_token_timeout=30.0, token_timeout=30.0)
+    async with mesh(config) as (nursery, host, view, backend):
+        bad = add_node(host, view, make_service(model))
+        host.handlers[bad.peer_id] = faulty(make_service(model), nursery, "silent", after=5)
+        add_node(host, view, make_service(model))
+        bad.reputation = 0.9
+        delivered: list[int] = []
+
+        async def status_watcher_gives_up() -> None:
+            while len(delivered) < 5:
+                await trio.sleep(0.01)
+            await trio.sleep(1.2)  # silent for longer than HUNG_AFTER_S
+            view.interrupt(bad)
+
+        async def track(ev, ids) -> None:
+            delivered[:] = ids
+
+        nursery.start_soon(status_watcher_gives_up)
+        with trio.fail_after(10):  # far below the 30 s token timeout
+            ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, N), track)
+        assert done.failovers == 1 and len(ids) == N and done.served_by[0].completion_tokens == 5
+
+
+async def test_lost_status_stream_does_not_abandon_a_node_that_still_streams(model):
+    async with mesh() as (nursery, host, view, backend):
+        node = add_node(host, view, make_service(model))
+        hits = 0
+
+        async def flap() -> None:
+            nonlocal hits
+            for _ in range(50):
+                await trio.sleep(0.003)
+                hits += len(node.interrupts)  # reads in progress that this interrupts
+                view.interrupt(node)
+
+        nursery.start_soon(flap)
+        ids, _, done = await collect(backend, completion_spec("tiny", "Hello", 400))
+        assert len(ids) == 400 and done.failovers == 0 and hits > 0
