@@ -74,10 +74,12 @@ class InferCall:
         await self.writer.write_frame(to_wire(Cancel(self.request.request_id)))
 
 
-async def query_status(stream) -> StatusReply:
-    """Ask a node for its live load over an open stream (a Leaving notice may come first)."""
+async def query_status(stream, reader: FrameReader | None = None) -> StatusReply:
+    """Ask a node for its live load over an open stream. Pass the stream's own FrameReader
+    when asking more than once: a fresh reader would drop bytes the last one buffered. A
+    Leaving notice that arrives first is skipped: the reply says `draining` too."""
     await FrameWriter(stream).write_frame(to_wire(StatusQuery()))
-    reader = FrameReader(stream)
+    reader = reader or FrameReader(stream)
     while True:
         frame = await reader.read_frame()
         if frame is None:

@@ -116,6 +116,7 @@ class _ForwardToMeshLogging(logging.Handler):
         "Failed to open stream to ", "Failed to store value at peer ", "Failed to get value from peer ",
         "Error getting providers from ", "Failed to get providers from ", "Error sending ADD_PROVIDER to ",
         "Failed to send ADD_PROVIDER to ", "Failed to open TCP stream", "MultiselectClient handshake:",
+        "Error in handle_incoming for peer ",  # logged at ERROR whenever a peer dies
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
