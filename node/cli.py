@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     s.add_argument("--drain-seconds", type=float, help="grace period for in-flight work when stopping (default 30)")
     s.add_argument("--advert-interval", type=float, help="seconds between capacity advert refreshes (default 5)")
     s.add_argument("--skip-benchmark", action="store_true", default=None, help="don't measure speed at start (advertise 0 tok/s)")
+    s.add_argument("--synthetic", metavar="NAME", help="benchmarks only: serve a synthetic engine (no model; "
+                   "deterministic tokens at --synthetic-rate) under this model name instead of a GGUF file")
+    s.add_argument("--synthetic-rate", type=float, help="tokens/s per generation of the --synthetic engine (default 500)")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
 
@@ -50,7 +53,7 @@ def add_parser(sub) -> None:
 
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
-               "log_format", "log_level")
+               "log_format", "log_level", "synthetic", "synthetic_rate")
 
 
 def cmd_start(args: argparse.Namespace) -> int:

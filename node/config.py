@@ -32,6 +32,10 @@ class NodeConfig:
     skip_benchmark: bool = False  # tests only: advertise zero speeds instead of measuring
     log_format: str = "text"
     log_level: str = "info"
+    # Benchmarks and scale tests: serve a synthetic engine (node/synthetic_engine.py) under
+    # this model name instead of a GGUF file, emitting synthetic_rate tokens/s per generation.
+    synthetic: str | None = None
+    synthetic_rate: float = 500.0
 
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else mesh_home() / "node"
@@ -62,6 +66,10 @@ class NodeConfig:
             raise ValueError("--advert-interval must be > 0 and --drain-seconds >= 0")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        if self.synthetic is not None and not 0 < len(self.synthetic) <= 128:
+            raise ValueError("--synthetic needs a model name of 1-128 characters")
+        if self.synthetic_rate <= 0:
+            raise ValueError("--synthetic-rate must be > 0")
 
 
 def load_config(path: str | None, overrides: dict) -> NodeConfig:
