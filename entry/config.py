@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.config import mesh_home
+from mesh_cli.settings import load_settings, mesh_home
 
 
 @dataclass
@@ -54,21 +53,4 @@ class EntryConfig:
 
 
 def load_entry_config(path: str | None, overrides: dict) -> EntryConfig:
-    values: dict = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
-        data = data.get("entry", data)
-        unknown = sorted(set(data) - {f.name for f in fields(EntryConfig)})
-        if unknown:
-            raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-        values.update(data)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = EntryConfig(**values)
-    cfg.validate()
-    return cfg
+    return load_settings(EntryConfig, path, "entry", overrides)

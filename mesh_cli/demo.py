@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from node.config import mesh_home
+from mesh_cli.settings import mesh_home
 
 
 def add_parser(sub) -> None:
