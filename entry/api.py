@@ -80,6 +80,7 @@ class _Settings:
     metrics: Metrics
     max_body_bytes: int
     started: int
+    ledger: Any = None  # entry/ledger.py Ledger, for /v1/mesh/credits/{node}
 
 
 class _Instruments:
@@ -109,6 +110,8 @@ def _endpoint_label(path: str) -> str:
         return "/v1/models/{id}"
     if path.startswith("/webchat/"):
         return "/webchat/{file}"
+    if path.startswith("/v1/mesh/credits/"):
+        return "/v1/mesh/credits/{node}"
     return "other"
 
 
@@ -443,6 +446,24 @@ class _Handlers:
         self.authenticate(request)
         return JSONResponse({"object": "list", "data": self.s.backend.nodes_view()})
 
+    async def credits(self, request: Request) -> Response:
+        """A node's credit statement, for that node only (signed query, protocol/credit_query.py):
+        totals per escrow state and every booked request id with its tokens, so the node can
+        check them against the receipts it kept."""
+        from protocol.credit_query import HEADER, check_query
+
+        node = request.path_params["node"]
+        if self.s.ledger is None:
+            raise ApiError(404, "this entry keeps no credits ledger", code="no_ledger")
+        if not check_query(node, request.headers.get(HEADER)):
+            raise ApiError(401, f"a credit statement is for its node only: sign the query with the node's key "
+                           f"(header {HEADER}; `mesh node credits` does this)", code="invalid_node_signature")
+        totals = {state: {"requests": t.requests, "tokens": t.tokens, "credits": round(t.credits, 6)}
+                  for state, t in self.s.ledger.node_totals(node).items()}
+        entry = getattr(getattr(self.s.backend, "host", None), "peer_id", None)  # receipts name it
+        return JSONResponse({"node": node, "entry": entry, "totals": totals,
+                             "requests": self.s.ledger.node_requests(node, limit=10_000)})
+
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "nodes": len(self.s.backend.nodes_view()),
                              "models": len(self.s.backend.models())})
@@ -495,12 +516,13 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, limits: RateLimits, metrics: Metrics,
-               max_body_bytes: int = 1_000_000) -> Starlette:
+               max_body_bytes: int = 1_000_000, ledger=None) -> Starlette:
     """The entry's ASGI app. Without open_mode every /v1 route needs a key from `keys`;
-    /, /health and /metrics are open (they show no user data)."""
+    /, /health and /metrics are open (they show no user data). /v1/mesh/credits/{node}
+    needs the node's own signature instead, in any mode."""
     if not open_mode and keys is None:
         raise ValueError("an entry that is not in open mode needs an ApiKeyStore")
-    h = _Handlers(_Settings(backend, keys, open_mode, limits, metrics, max_body_bytes, int(time.time())))
+    h = _Handlers(_Settings(backend, keys, open_mode, limits, metrics, max_body_bytes, int(time.time()), ledger))
     routes = [
         Route("/", h.webchat_index, methods=["GET"]),
         Route("/webchat/{name}", h.webchat_file, methods=["GET"]),
@@ -511,6 +533,7 @@ def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, l
         Route("/v1/chat/completions", h.chat, methods=["POST"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
         Route("/v1/mesh/nodes", h.nodes, methods=["GET"]),
+        Route("/v1/mesh/credits/{node}", h.credits, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

@@ -8,10 +8,12 @@ import logging
 from mesh_cli.logs import add_logging_args, setup_logging
 
 from .config import load_entry_config
+from .credits_cli import add_credits_parser
 from .keys_cli import add_keys_parser
 
 _START_KEYS = ("http_host", "http_port", "listen_host", "p2p_port", "bootstrap", "identity", "state_dir", "keys_db",
-               "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "log_format", "log_level")
+               "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "log_format", "log_level",
+               "ledger", "verify_model", "verify_rate", "canary_interval")
 
 
 def add_parser(sub) -> None:
@@ -37,9 +39,17 @@ def add_parser(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 1000000)")
     s.add_argument("--first-token-timeout", type=float, help="seconds to wait for a node's first token before failing over (default 60)")
     s.add_argument("--token-timeout", type=float, help="longest silence between tokens before failing over (default 10)")
+    s.add_argument("--ledger", help="credits database (SQLite; default: STATE_DIR/credits.db)")
+    s.add_argument("--verify-model", action="append", metavar="PATH",
+                   help="GGUF file to verify nodes serving the same file (same sha256) against (repeatable)")
+    s.add_argument("--verify-rate", type=float, help="fraction of an established node's requests re-scored (default 0.15; "
+                   "new and suspicious nodes: all)")
+    s.add_argument("--canary-interval", type=float, help="mean seconds between canary probes to nodes of verified models "
+                   "(default 60; 0 = none)")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
     add_keys_parser(es)
+    add_credits_parser(es)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -55,8 +65,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     setup_logging(cfg.log_format, cfg.log_level)
+    from node.model_file import ModelFileError
+
     try:
         return trio.run(EntryDaemon(cfg).run)
-    except (IdentityError, OSError) as e:
+    except (IdentityError, OSError, ModelFileError) as e:
         logging.getLogger("mesh.entry").debug("start failed", exc_info=True)
         raise CliError(str(e)) from None

@@ -26,12 +26,20 @@ class EntryConfig:
     token_timeout: float = 10.0
     log_format: str = "text"
     log_level: str = "info"
+    # Verification and credits (entry/verifier.py, entry/ledger.py)
+    ledger: str | None = None  # credits database; default STATE_DIR/credits.db
+    verify_model: list[str] = field(default_factory=list)  # GGUF files to re-score nodes' outputs with
+    verify_rate: float = 0.15  # fraction of an established node's requests re-scored
+    canary_interval: float = 60.0  # mean seconds between canary probes; 0 = none
 
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else mesh_home() / "entry"
 
     def identity_path(self) -> Path:
         return Path(self.identity) if self.identity else self.state_path() / "entry.key"
+
+    def ledger_path(self) -> Path:
+        return Path(self.ledger) if self.ledger else self.state_path() / "credits.db"
 
     def keys_path(self) -> Path:
         from .apikeys import default_keys_path
@@ -46,6 +54,10 @@ class EntryConfig:
             raise ValueError("--max-body-bytes must be at least 1024")
         if self.first_token_timeout <= 0 or self.token_timeout <= 0:
             raise ValueError("timeouts must be > 0")
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ValueError("--verify-rate must be in [0, 1]")
+        if self.canary_interval < 0:
+            raise ValueError("--canary-interval must be >= 0")
         for name in ("rpm", "tpm"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -15,10 +15,13 @@ from protocol.p2p import open_mesh_host
 
 from .api import create_app, serve_api
 from .apikeys import ApiKeyStore
+from .canary import CanaryConfig, CanaryProber
 from .config import EntryConfig
+from .ledger import Ledger
 from .mesh_backend import MeshBackendConfig, open_mesh_backend
 from .metrics import Metrics
 from .ratelimit import RateLimits
+from .verifier import Verifier, VerifierConfig
 
 log = logging.getLogger("mesh.entry")
 
@@ -35,12 +38,31 @@ class EntryDaemon:
         if keys is not None and not keys.list():
             log.warning("no API keys exist yet: create one with `mesh entry keys create --name NAME`, or start with --open")
         backend_cfg = MeshBackendConfig(first_token_timeout=cfg.first_token_timeout, token_timeout=cfg.token_timeout)
+        metrics = Metrics()
+        ledger = Ledger(cfg.ledger_path())
+        verifier = Verifier(ledger=ledger, metrics=metrics, config=VerifierConfig(rate=cfg.verify_rate))
+        try:
+            for path in cfg.verify_model:
+                await trio.to_thread.run_sync(verifier.load_model, path)
+            await self._serve(identity, keys, backend_cfg, metrics, ledger, verifier)
+        finally:
+            verifier.close()
+            ledger.close()
+        self._clear_ready()
+        return 0
+
+    async def _serve(self, identity, keys, backend_cfg, metrics, ledger, verifier) -> None:
+        cfg = self.cfg
         async with open_mesh_host(identity, listen_host=cfg.listen_host, listen_port=cfg.p2p_port,
                                   bootstrap=cfg.bootstrap) as host:
-            async with open_mesh_backend(host, config=backend_cfg) as backend:
+            async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done) as backend:
+                verifier.view = backend.view
                 app = create_app(backend, keys=keys, open_mode=cfg.open, limits=RateLimits(rpm=cfg.rpm, tpm=cfg.tpm),
-                                 metrics=Metrics(), max_body_bytes=cfg.max_body_bytes)
+                                 metrics=metrics, max_body_bytes=cfg.max_body_bytes, ledger=ledger)
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(verifier.run)
+                    if verifier.models:
+                        await nursery.start(CanaryProber(backend, verifier, CanaryConfig(interval=cfg.canary_interval)).run)
                     port = await nursery.start(serve_api, app, cfg.http_host, cfg.http_port)
                     url = f"http://{cfg.http_host}:{port}"
                     self._write_ready(url, identity.peer_id, host.listen_addrs)
@@ -49,8 +71,6 @@ class EntryDaemon:
                     await self._wait_for_signal()
                     log.info("stopping")
                     nursery.cancel_scope.cancel()
-        self._clear_ready()
-        return 0
 
     async def _wait_for_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

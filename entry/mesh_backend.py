@@ -80,6 +80,37 @@ class AcceptedReceipt:
     blob: bytes
 
 
+@dataclass
+class PartRecord:
+    """One node's share of a finished generation. `receipt` is set for the node that finished
+    it, when its receipt was accepted; earlier nodes of a failover chain have none (they
+    failed before their final frame) but the entry relayed their tokens itself."""
+
+    node: str  # peer id: for the ledger and the verifier only, never shown to users
+    pseudonym: str
+    ids: list[int]
+    receipt: AcceptedReceipt | None = None
+    finished: bool = False  # this node sent the final frame
+    context_size: int = 0  # from its advert
+
+
+@dataclass
+class GenerationRecord:
+    """Everything the credits ledger and the verifier need about one finished generation:
+    the request as first sent (its params carry the seed a sampling node had to use) and
+    every node's part, in order. Kept in memory only (it holds the prompt)."""
+
+    request: InferRequest
+    parts: list[PartRecord]
+    finish_reason: str
+    prompt_tokens: int
+    canary: bool = False
+
+    @property
+    def ids(self) -> list[int]:
+        return [t for p in self.parts for t in p.ids]
+
+
 class _Silent(Exception):
     """The node produced nothing within the allowed time."""
 
@@ -246,11 +277,14 @@ class MeshBackend:
         config: MeshBackendConfig | None = None,
         on_receipt: Callable[[AcceptedReceipt], None] | None = None,
         receipt_book: ReceiptBook | None = None,
+        on_generation_done: Callable[[GenerationRecord], None] | None = None,
     ):
         self.host = host
         self.view = view
         self.config = config or MeshBackendConfig()
         self.on_receipt = on_receipt
+        # Called once per finished generation with its GenerationRecord (credits, verification).
+        self.on_generation_done = on_generation_done
         self.receipt_book = receipt_book or ReceiptBook()
         self.receipts: deque[AcceptedReceipt] = deque(maxlen=1000)  # the latest, for inspection
         self.counters = _Counters()
@@ -335,7 +369,8 @@ class MeshBackend:
                 self.view.release(node)
             if failure is None:
                 await attempt.close()
-                self._settle(part, final, request)
+                accepted = self._settle(part, final, request)
+                self._report_done(request, parts, part, accepted, final)
                 served = [ServedPart(p.node.pseudonym, node_kind(p.node, p.tps()), len(p.ids))
                           for p in parts if p.ids or p is part]
                 yield DoneEvent(final.finish_reason, final.prompt_tokens, len(delivered), served, failovers)
@@ -391,7 +426,20 @@ class MeshBackend:
             # Woken by any change; the cap notices cooldowns running out.
             await self.view.wait_changed(min(left, 0.25))
 
-    def _settle(self, part: _Part, final: Final, request: InferRequest) -> None:
+    def _report_done(self, request: InferRequest, parts: list[_Part], last: _Part, accepted: AcceptedReceipt | None,
+                     final: Final) -> None:
+        if self.on_generation_done is None:
+            return
+        record = GenerationRecord(request, [
+            PartRecord(p.node.peer_id, p.node.pseudonym, list(p.ids), accepted if p is last else None, p is last,
+                       p.node.advert.context_size)
+            for p in parts if p.ids or p is last], final.finish_reason, final.prompt_tokens)
+        try:
+            self.on_generation_done(record)
+        except Exception:  # the ledger's or verifier's problem must not fail the user's request
+            log.exception("generation-done callback failed")
+
+    def _settle(self, part: _Part, final: Final, request: InferRequest) -> AcceptedReceipt | None:
         node = part.node
         try:
             receipt = WorkReceipt.verify(final.receipt, node=node.peer_id, entry=self.host.peer_id,
@@ -403,7 +451,7 @@ class MeshBackend:
             self.counters.receipts_rejected += 1
             node.penalize(time.monotonic(), PENALTY_BAD_RECEIPT)
             log.warning("receipt rejected", extra={"node": node.pseudonym, "reason": str(e)})
-            return
+            return None
         node.succeeded()
         if (tps := part.tps()) is not None:
             node.observe_speed(tps)
@@ -416,6 +464,7 @@ class MeshBackend:
                 self.on_receipt(accepted)
             except Exception:  # the ledger's problem must not fail the user's request
                 log.exception("receipt callback failed")
+        return accepted
 
     # -- what the API shows ------------------------------------------------------------------
 
@@ -442,6 +491,10 @@ class MeshBackend:
                 "reputation": round(n.reputation, 3),
                 "served": n.served,
                 "failures": n.total_failures,
+                "verified": n.verified,
+                "verify_failed": n.verify_failed,
+                "last_verdict": n.last_verdict,
+                "demoted": n.model_sha256 in n.demoted,
             })
         return out
 
@@ -455,6 +508,7 @@ class MeshBackend:
         out.update({
             "mesh_nodes_known": len(nodes),
             "mesh_nodes_routable": sum(1 for n in nodes if n.routable(now)),
+            "mesh_nodes_demoted": sum(1 for n in nodes if n.model_sha256 in n.demoted),
             "mesh_requests_total": c.requests,
             "mesh_requests_failed_total": c.requests_failed,
             "mesh_failovers_total": c.failovers,
@@ -476,6 +530,7 @@ async def open_mesh_backend(
     *,
     config: MeshBackendConfig | None = None,
     on_receipt: Callable[[AcceptedReceipt], None] | None = None,
+    on_generation_done: Callable[[GenerationRecord], None] | None = None,
     **view_options,
 ) -> AsyncIterator[MeshBackend]:
     """A MeshView running in the background plus the backend on top; both stop on exit.
@@ -491,7 +546,7 @@ async def open_mesh_backend(
     async with trio.open_nursery() as nursery:
         await nursery.start(view.run)
         try:
-            yield MeshBackend(host, view, config=config, on_receipt=on_receipt)
+            yield MeshBackend(host, view, config=config, on_receipt=on_receipt, on_generation_done=on_generation_done)
         except Exception as e:
             deferred = e
         finally:

@@ -26,22 +26,28 @@ from dataclasses import dataclass, field
 import trio
 
 from protocol import INFER_PROTOCOL_ID
+from protocol.dht_keys import ADVERT_NAMESPACE, verify_advert_for_key
 from protocol.discovery import discover_all
 from protocol.errors import ProtocolError
 from protocol.framing import FrameReader, FrameWriter
 from protocol.messages import Error, Leaving, StatusQuery, StatusReply, parse_message, to_wire
 from protocol.p2p import DialError, MeshHost, StreamClosed
-from protocol.records import AdvertBook, CapacityAdvert
+from protocol.records import AdvertBook, CapacityAdvert, RecordError
 
 log = logging.getLogger("mesh.entry.view")
 
 REPUTATION_NEUTRAL = 0.5
+ADVERT_KEY_PREFIX = f"/{ADVERT_NAMESPACE}/"
 COOLDOWN_BASE_S = 1.0
 COOLDOWN_MAX_S = 30.0
 # A node that said goodbye is not dialled again for this long: it is exiting, and its last
 # advert stays valid for a while after it is gone.
 LEFT_COOLDOWN_S = 10.0
 FORGET_AFTER_S = 600.0  # reputation of a vanished node is kept this long, for when it returns
+# A node whose advert ran out while its status stream still answers stays routable this long
+# past the advert's expiry: a late DHT refresh (a busy entry or node, a slow lookup) must not
+# take a serving node out of routing. Seen under load: every node's advert lapsing at once.
+ADVERT_GRACE_S = 60.0
 _SPEED_EWMA = 0.3
 _LATENCY_EWMA = 0.3
 
@@ -50,6 +56,14 @@ _LATENCY_EWMA = 0.3
 PENALTY_DISCONNECT = 0.05
 PENALTY_FAILED = 0.15
 PENALTY_BAD_RECEIPT = 0.3
+# Output verification (issue 5): a failed check is evidence of cheating, not bad luck, so it
+# costs most; a passed one earns a little back. After DEMOTE_AFTER failed checks without a
+# pass in between the node is demoted for its model: no user traffic, only canary probes,
+# until REINSTATE_AFTER of those pass in a row.
+PENALTY_VERIFY_FAILED = 0.5
+REWARD_VERIFIED = 0.02
+DEMOTE_AFTER = 2
+REINSTATE_AFTER = 2
 
 
 class Pseudonyms:
@@ -73,6 +87,12 @@ class NodeState:
     advert: CapacityAdvert
     status: StatusReply | None = None
     ours_at_status: int = 0  # our in-flight count when `status` was taken
+    # The most of our requests in flight since the pending status query was sent: the node
+    # counted ours at some moment in between, and taking the peak keeps a request we had
+    # just finished (its slot not yet freed when the node answered) from counting as someone
+    # else's until the next status: a phantom busy slot that made requests wait ~1 s.
+    in_flight_peak: int = 0
+    status_at: float = 0.0  # monotonic time of the last status reply
     latency: float | None = None  # status round trip, smoothed (s)
     observed_tps: float | None = None  # decode speed we measured on our own requests
     in_flight: int = 0  # our requests running there now
@@ -85,6 +105,13 @@ class NodeState:
     cooldown_until: float = 0.0
     reputation: float = REPUTATION_NEUTRAL
     last_seen: float = 0.0
+    # Verification (entry/verifier.py): counts, the latest verdict, and the models (sha256)
+    # this node is demoted for.
+    verified: int = 0
+    verify_failed: int = 0
+    verify_streak: int = 0  # > 0: passes in a row; < 0: failures in a row
+    last_verdict: str | None = None
+    demoted: set = field(default_factory=set, repr=False, compare=False)
     # Cancel scopes of our generations' reads on this node, interrupted when its status
     # stream is lost, so a hung node is abandoned after status_timeout rather than after the
     # (much longer) token timeouts.
@@ -127,6 +154,7 @@ class NodeState:
             and self.status is not None
             and self.status.model_sha256 == self.advert.model_sha256
             and now >= self.cooldown_until
+            and self.advert.model_sha256 not in self.demoted
         )
 
     def state(self, now: float) -> str:
@@ -163,12 +191,31 @@ class NodeState:
         """For verification (issue 5): positive rewards, negative punishes; kept in [0, 1]."""
         self.reputation = min(1.0, max(0.0, self.reputation + delta))
 
+    def verdict(self, now: float, model_sha256: str, passed: bool, reason: str = "") -> None:
+        """A verification outcome for work this node did on `model_sha256`."""
+        if passed:
+            self.verified += 1
+            self.verify_streak = max(1, self.verify_streak + 1)
+            self.last_verdict = "passed"
+            self.adjust_reputation(REWARD_VERIFIED * (1.0 - self.reputation))
+            if model_sha256 in self.demoted and self.verify_streak >= REINSTATE_AFTER:
+                self.demoted.discard(model_sha256)
+        else:
+            self.verify_failed += 1
+            self.verify_streak = min(-1, self.verify_streak - 1)
+            self.last_verdict = f"failed: {reason}" if reason else "failed"
+            self.penalize(now, PENALTY_VERIFY_FAILED)
+            if -self.verify_streak >= DEMOTE_AFTER:
+                self.demoted.add(model_sha256)
+
     def observe_speed(self, tps: float) -> None:
         self.observed_tps = tps if self.observed_tps is None else (1 - _SPEED_EWMA) * self.observed_tps + _SPEED_EWMA * tps
 
     def update_status(self, reply: StatusReply, rtt: float | None) -> None:
         self.status = reply
-        self.ours_at_status = self.in_flight
+        self.ours_at_status = max(self.in_flight, self.in_flight_peak)
+        self.in_flight_peak = self.in_flight
+        self.status_at = time.monotonic()
         self.connected = True
         if rtt is not None:
             self.latency = rtt if self.latency is None else (1 - _LATENCY_EWMA) * self.latency + _LATENCY_EWMA * rtt
@@ -217,6 +264,7 @@ class MeshView:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.rounds = 0
+        self.last_round_s = 0.0  # how long the latest discovery round took
 
     # -- reading the view ------------------------------------------------------------------
 
@@ -254,6 +302,7 @@ class MeshView:
 
     def acquire(self, node: NodeState) -> None:
         node.in_flight += 1
+        node.in_flight_peak = max(node.in_flight_peak, node.in_flight)
 
     def release(self, node: NodeState) -> None:
         node.in_flight = max(0, node.in_flight - 1)
@@ -277,6 +326,20 @@ class MeshView:
                                         "cooldown_s": round(node.cooldown_until - time.monotonic(), 1)})
         self.notify()
 
+    def record_verdict(self, peer_id: str, model_sha256: str, passed: bool, reason: str = "") -> NodeState | None:
+        """Apply a verification outcome (the node may have left since: its state is kept a
+        while, so the verdict still counts when it comes back)."""
+        node = self._nodes.get(peer_id)
+        if node is None:
+            return None
+        was_demoted = model_sha256 in node.demoted
+        node.verdict(time.monotonic(), model_sha256, passed, reason)
+        if was_demoted != (model_sha256 in node.demoted):
+            log.warning("node demoted" if not was_demoted else "node reinstated",
+                        extra={"node": node.pseudonym, "model": model_sha256[:12]})
+        self.notify()
+        return node
+
     def interrupt(self, node: NodeState) -> None:
         """Its status stream was lost: wake our generations waiting on it to check on theirs."""
         node.connected = False
@@ -288,6 +351,10 @@ class MeshView:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            # Adverts other peers store at us (we are one of the DHT servers closest to their
+            # key) are seen at once: a new node is routable well before the next round.
+            if hasattr(self.host, "on_value_stored"):
+                self.host.on_value_stored(self._value_stored)
             await self.refresh()
             task_status.started()
             while True:
@@ -296,6 +363,7 @@ class MeshView:
 
     async def refresh(self) -> None:
         """One discovery round: fetch adverts, start watchers for new nodes, drop expired ones."""
+        t0 = time.monotonic()
         try:
             adverts = await discover_all(self.host, timeout=self.discovery_timeout, book=self._book,
                                          reuse_for=self.advert_reuse_for)
@@ -303,11 +371,27 @@ class MeshView:
             log.warning("discovery round failed", exc_info=True)
             adverts = []
         now = time.monotonic()
+        self.last_round_s = now - t0
+        log.debug("discovery round", extra={"seconds": round(self.last_round_s, 3), "adverts": len(adverts)})
         for adv in adverts:
             if adv.node != self.host.peer_id:
                 self._saw(adv, now)
         self._expire(now)
         self.rounds += 1
+        self.notify()
+
+    def _value_stored(self, key: str, value: bytes) -> None:
+        if not key.startswith(ADVERT_KEY_PREFIX):
+            return
+        try:
+            verify_advert_for_key(key, value)  # the key names the signer
+            adv = self._book.accept(value)
+        except RecordError:
+            return  # older than what we hold (a replay or a lagging copy), or not valid now
+        if adv.node == self.host.peer_id:
+            return
+        self.host.learn_addrs(adv.node, adv.addrs)
+        self._saw(adv, time.monotonic())
         self.notify()
 
     def _saw(self, adv: CapacityAdvert, now: float) -> None:
@@ -330,9 +414,15 @@ class MeshView:
             self._watchers[adv.node] = scope
             self._nursery.start_soon(self._watch, node, scope)
 
+    def _still_answering(self, node: NodeState, now: float) -> bool:
+        """Its advert ran out but its status stream answered lately: it is alive (see
+        ADVERT_GRACE_S)."""
+        return (node.connected and now - node.status_at <= self.status_timeout
+                and time.time() <= node.advert.expires_at + ADVERT_GRACE_S)
+
     def _expire(self, now: float) -> None:
         for peer, node in list(self._nodes.items()):
-            if node.present and self._book.current(peer) is None:
+            if node.present and self._book.current(peer) is None and not self._still_answering(node, now):
                 node.present = node.connected = False
                 scope = self._watchers.get(peer)
                 if scope is not None:
@@ -389,6 +479,8 @@ class MeshView:
             while True:
                 if sent and time.monotonic() - sent[0] > self.status_timeout:
                     raise _Lost(f"no status answer in {self.status_timeout:.1f}s")
+                if not sent:
+                    node.in_flight_peak = node.in_flight  # a new window for the answer
                 sent.append(time.monotonic())
                 try:
                     await writer.write_frame(to_wire(StatusQuery()))

@@ -9,6 +9,7 @@ import sys
 from mesh_cli.logs import add_logging_args, setup_logging
 
 from .config import load_config
+from .credits_cli import add_credits_parser
 
 
 def add_parser(sub) -> None:
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
         sp.add_argument("--state-dir", help="state directory of the node (default: ~/.mesh/node)")
         sp.add_argument("--json", action="store_true", help="print the raw JSON answer")
         sp.set_defaults(func=cmd_stop if name == "stop" else cmd_status)
+    add_credits_parser(ns)  # `mesh node credits`
 
 
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "max_tokens", "listen_host", "port",

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def mesh_home() -> Path:
-    return Path(os.environ.get("MESH_HOME", Path.home() / ".mesh"))
+from mesh_cli.settings import load_settings, mesh_home
 
 
 @dataclass
@@ -73,24 +70,4 @@ class NodeConfig:
 
 
 def load_config(path: str | None, overrides: dict) -> NodeConfig:
-    """Build the config from an optional TOML file ([node] table or top level) and flags that
-    were given (None = not given)."""
-    values: dict = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
-        data = data.get("node", data)
-        known = {f.name for f in fields(NodeConfig)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-        values.update(data)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = NodeConfig(**values)
-    cfg.validate()
-    return cfg
+    return load_settings(NodeConfig, path, "node", overrides)

@@ -26,6 +26,7 @@ from .config import NodeConfig
 from .control import serve_control
 from .model_file import ModelInfo, bundled_model_path, inspect_model
 from .service import NodeService, NodeStats
+from .receipt_log import FILE_NAME as RECEIPTS_FILE, ReceiptLog
 
 log = logging.getLogger("mesh.node")
 
@@ -35,12 +36,21 @@ class NodeStartError(Exception):
 
 
 def resolve_model(cfg: NodeConfig) -> ModelInfo:
+    if cfg.synthetic:
+        from .synthetic_engine import synthetic_info
+
+        return synthetic_info(cfg.synthetic, cfg.ctx)
     path = Path(cfg.model) if cfg.model else bundled_model_path()
     log.debug("checking model file", extra={"path": str(path)})
     return inspect_model(path)
 
 
 def load_engines(cfg: NodeConfig, info: ModelInfo) -> list:
+    if cfg.synthetic:
+        from .synthetic_engine import SyntheticEngine
+
+        log.info("synthetic engine: no model is loaded", extra={"model": cfg.synthetic, "rate": cfg.synthetic_rate})
+        return [SyntheticEngine(cfg.synthetic, rate=cfg.synthetic_rate, n_ctx=cfg.ctx) for _ in range(cfg.slots)]
     from .engine import Engine
 
     engines = []
@@ -53,6 +63,10 @@ def load_engines(cfg: NodeConfig, info: ModelInfo) -> list:
     if cfg.gpu_layers and not engines[0].gpu_offload:
         log.warning("--gpu-layers was given but this llama.cpp build has no GPU support; running on the CPU")
     return engines
+
+
+def _import_p2p() -> None:
+    import protocol.p2p  # noqa: F401
 
 
 class NodeDaemon:
@@ -74,7 +88,11 @@ class NodeDaemon:
         log.info("model ok", extra={"model": info.name, "arch": info.architecture, "quant": info.quantization,
                                     "sha256": info.sha256[:16], "ctx_trained": info.context_length})
         self.identity = Identity.load_or_create(cfg.identity_path())
-        engines = await trio.to_thread.run_sync(load_engines, cfg, info)
+        async with trio.open_nursery() as nursery:
+            # libp2p's import costs ~1 s of CPU: paid while the model loads, not after it, so
+            # a loaded node joins the mesh at once.
+            nursery.start_soon(trio.to_thread.run_sync, _import_p2p)
+            engines = await trio.to_thread.run_sync(load_engines, cfg, info)
         if not cfg.skip_benchmark:
             def progress(frac: float, msg: str) -> None:
                 log.info(f"benchmark {frac * 100:3.0f}%: {msg}")
@@ -83,9 +101,10 @@ class NodeDaemon:
             self.stats.prefill_tps, self.stats.decode_tps = prefill, decode
             log.info("benchmark done", extra={"prefill_tps": round(prefill, 1), "decode_tps": round(decode, 1)})
         ctx = min(cfg.ctx, info.context_length or cfg.ctx)
-        self.model_id = cfg.model_name or info.path.name.removesuffix(".gguf")
+        self.model_id = cfg.model_name or cfg.synthetic or info.path.name.removesuffix(".gguf")
         self.service = NodeService(self.identity, Admission(engines, cfg.queue), model_sha256=info.sha256,
-                                   model_name=self.model_id, context_size=ctx, max_tokens=cfg.max_tokens, stats=self.stats)
+                                   model_name=self.model_id, context_size=ctx, max_tokens=cfg.max_tokens, stats=self.stats,
+                                   on_receipt=ReceiptLog(cfg.state_path() / RECEIPTS_FILE).append)
 
         from protocol.p2p import open_mesh_host
 

@@ -30,6 +30,12 @@ from .admission import Admission, Busy, Draining
 log = logging.getLogger("mesh.node.service")
 
 MAX_TOKENS_PER_FRAME = 32
+# Once a generation streams, a frame leaves at most this often: tokens that come faster
+# share frames. A reader sees a 20 ms cadence as continuous (it is below the 50 ms pause a
+# reader notices), while a fast engine's frames, and with them the per-frame costs of node,
+# entry and client, drop several-fold. The first token, the last frame and a full frame
+# (MAX_TOKENS_PER_FRAME) always leave at once.
+FRAME_INTERVAL_S = 0.02
 
 
 class ByteStream(Protocol):
@@ -79,7 +85,11 @@ class NodeService:
         self.on_receipt = on_receipt
         self.sessions: set[Session] = set()
         self.grace_seconds = 0.0
+        self.frame_interval = FRAME_INTERVAL_S
         self._live_cancels: set[threading.Event] = set()  # one per running generation
+        # One worker thread per slot: trio's default limiter (40 threads) would make the 41st
+        # concurrent generation of a many-slot node wait for a thread with its slot held.
+        self._threads: trio.CapacityLimiter | None = None
 
     # ---- status ----------------------------------------------------------------------------
     def status(self) -> StatusReply:
@@ -172,6 +182,12 @@ class NodeService:
         outcome: dict[str, Any] = {}
         token = trio.lowlevel.current_trio_token()
 
+        # Steps cross from the worker thread without waiting for the trio loop: a busy loop
+        # must not slow the engine down, and a blocking from_thread round trip per token cost
+        # more than the token itself on fast engines. At most one hand-over callback is queued
+        # at a time; it takes every step waiting by then (order kept).
+        handover = _Handover(token, send_tokens)
+
         def work() -> None:
             try:
                 gen = engine.run(req, cancel=cancel)
@@ -182,11 +198,11 @@ class NodeService:
                         if step.finish_reason is not None:
                             outcome["finish"] = step.finish_reason
                         if step.token is not None or step.text:
-                            trio.from_thread.run_sync(send_tokens.send_nowait, step, trio_token=token)
+                            handover.put(step)
             except Exception as e:
                 outcome["error"] = e
             finally:
-                trio.from_thread.run_sync(send_tokens.close, trio_token=token)
+                handover.close()
 
         ids: list[int] = []
         peer_gone = False
@@ -215,11 +231,22 @@ class NodeService:
                 cancel.set()
 
             async def run_worker() -> None:
-                await trio.to_thread.run_sync(work)
+                if self._threads is None:
+                    self._threads = trio.CapacityLimiter(max(1, self.admission.total))
+                await trio.to_thread.run_sync(work, limiter=self._threads)
 
             async def relay() -> None:
                 nonlocal peer_gone
+                last_sent: float | None = None
+                last_full = False
                 async for step in recv_tokens:
+                    if last_sent is not None and not last_full and self.frame_interval > 0:
+                        delay = last_sent + self.frame_interval - trio.current_time()
+                        if delay > 0:
+                            # Tokens gather in the channel meanwhile; the generation's end
+                            # goes out at once.
+                            with trio.move_on_after(delay):
+                                await handover.finished.wait()
                     batch = [step]
                     while len(batch) < MAX_TOKENS_PER_FRAME:
                         try:
@@ -228,12 +255,14 @@ class NodeService:
                             break
                     if cancel.is_set():
                         continue  # drain the channel so the worker never blocks
+                    last_full = len(batch) >= MAX_TOKENS_PER_FRAME
                     try:
                         await session.send(_chunk(rid, batch, req))
                     except Exception:
                         peer_gone = True
                         cancel.set()
                         continue
+                    last_sent = trio.current_time()
                     sent = [s.token for s in batch if s.token is not None]
                     ids.extend(sent)
                     self.stats.tokens_served += len(sent)
@@ -280,6 +309,51 @@ class NodeService:
         """Stop every running generation (the drain grace period is over)."""
         for ev in list(self._live_cancels):
             ev.set()
+
+
+class _Handover:
+    """Worker thread -> trio loop, without blocking the thread: put() queues a step and, unless
+    a callback is already queued, schedules one (run_sync_soon) that moves every queued step
+    into the channel. close() closes the channel after the last step."""
+
+    def __init__(self, trio_token, channel: trio.MemorySendChannel):
+        self._token = trio_token
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._scheduled = False
+        self._closing = False
+        self.finished = trio.Event()  # set (in the loop) once the last step is in the channel
+
+    def put(self, item) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._token.run_sync_soon(self._drain)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._token.run_sync_soon(self._drain)
+
+    def _drain(self) -> None:  # in the trio loop
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+            closing = self._closing
+        for item in items:
+            try:
+                self._channel.send_nowait(item)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+        if closing:
+            self._channel.close()
+            self.finished.set()
 
 
 def _chunk(rid: str, batch: list, req: InferRequest) -> TokenChunk:

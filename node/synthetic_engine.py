@@ -13,9 +13,12 @@ Its output is a pure function of the request, like the real engine's:
 - max_tokens counts continuation tokens; no end-of-generation token is ever drawn, so a
   generation ends with "length" unless a stop string or a cancel ends it first.
 Timing: the first token after `prefill_tps`-paced prompt processing (instant by default),
-then token i at start + i / rate (a fixed schedule: a late consumer gets the tokens that are
-due at once rather than a slower stream). The sha256 is derived from the name with a prefix no
-GGUF file starts with, so it never names a real model.
+then token i is due at start + i / rate (a fixed schedule: a late consumer gets the tokens that
+are due at once rather than a slower stream). The generation thread wakes at most every `tick`
+seconds (20 ms, the node's frame interval) and releases every token due by then, so a rate
+above 1/tick costs the node 50 wake-ups per second per stream rather than one per token; at
+rates up to 1/tick each token comes on its own schedule. The sha256 is derived from the name with a prefix no GGUF file
+starts with, so it never names a real model.
 """
 
 from __future__ import annotations
@@ -69,11 +72,13 @@ class SyntheticEngine:
     """Stands in for node.engine.Engine. One instance per slot, like the real engine (a
     generation holds its instance's lock), though it would be safe to share."""
 
-    def __init__(self, name: str, *, rate: float = 500.0, n_ctx: int = 2048, prefill_tps: float = 0.0):
+    def __init__(self, name: str, *, rate: float = 500.0, n_ctx: int = 2048, prefill_tps: float = 0.0,
+                 tick: float = 0.02):
         if rate <= 0:
             raise ValueError("the synthetic token rate must be > 0")
         self.info = synthetic_info(name, n_ctx)
         self.rate = float(rate)
+        self.tick = max(0.0, float(tick))
         self.prefill_tps = float(prefill_tps)  # 0 = the prompt costs nothing
         self.n_ctx = n_ctx
         self.n_vocab = SYNTHETIC_VOCAB
@@ -180,8 +185,17 @@ class SyntheticGeneration:
 
     def _run(self, eng: SyntheticEngine, key, n_prompt, params, continuation, logprobs, top_k, cancel) -> Iterator[Step]:
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
-        # Waits use the cancel event, so a cancel interrupts a long pause at once.
-        wait = cancel.wait if cancel is not None else time.sleep
+
+        def wait(seconds: float) -> bool:
+            """Sleep; True if cancelled meanwhile. Short waits use time.sleep (much cheaper
+            than Event.wait with a timeout); long ones wake for a cancel at once."""
+            if cancel is None:
+                time.sleep(seconds)
+                return False
+            if seconds > 0.05:
+                return cancel.wait(seconds)
+            time.sleep(seconds)
+            return cancel.is_set()
         stream = TextStream(params.stop)
         reason = None
         with eng._lock:
@@ -204,15 +218,18 @@ class SyntheticGeneration:
             produced = len(continuation)
             interval = 1.0 / eng.rate
             i = 0
+            woke = start
             while reason is None:
                 if cancelled():
                     reason = "cancelled"
                     break
                 due = start + i * interval
-                delay = due - time.perf_counter()
-                if delay > 0 and wait(delay):
-                    reason = "cancelled"
-                    break
+                now = time.perf_counter()
+                if due > now:
+                    if wait(max(due, woke + eng.tick) - now):
+                        reason = "cancelled"
+                        break
+                    woke = time.perf_counter()
                 tok = eng.token_at(key, produced)
                 text = stream.push(token_text(tok).encode())
                 produced += 1

@@ -84,6 +84,14 @@ class FrameReader:
             self._buf += chunk
         return True
 
+    def frame_ready(self) -> bool:
+        """Whether read_frame() would return (or fail) without reading from the stream: a
+        whole frame is buffered. Lets a relay merge frames that arrived together."""
+        if len(self._buf) < HEADER_SIZE:
+            return False
+        (length,) = _HEADER.unpack_from(self._buf)
+        return length > self.max_frame or len(self._buf) >= HEADER_SIZE + length
+
     async def read_frame(self) -> dict | None:
         """Next message, or None at a clean end of stream between frames."""
         if not await self._fill(HEADER_SIZE):

@@ -23,6 +23,8 @@ from multiaddr import Multiaddr
 
 import libp2p.kad_dht.provider_store as _provider_store_mod
 import libp2p.network.swarm as _swarm_mod
+import libp2p.io.trio as _trio_io_mod
+import libp2p.stream_muxer.yamux.yamux as _yamux_mod
 import libp2p.transport.tcp.tcp as _tcp_mod
 from libp2p import new_host
 from libp2p.crypto.x25519 import create_new_key_pair as _new_x25519_key_pair
@@ -60,6 +62,7 @@ PROVIDER_RECORD_TTL_S = 10 * 60
 MAX_PROVIDERS_PER_KEY = 200
 NEGATIVE_CACHE_TTL_S = 5.0  # py-libp2p: 60 s, during which a restarted peer is unreachable
 DIAL_TIMEOUT_S = 5.0
+OWNER_FETCH_TIMEOUT_S = 2.0  # asking a node for its own advert before the DHT lookup
 
 
 class P2PError(Exception):
@@ -145,10 +148,75 @@ def apply_global_workarounds() -> None:
     _tcp_mod._set_reuse_flags = _set_reuseaddr_only
     _provider_store_mod.PROVIDER_RECORD_EXPIRATION_INTERVAL = PROVIDER_RECORD_TTL_S
     _provider_store_mod.BUCKET_SIZE = MAX_PROVIDERS_PER_KEY
+    # Yamux receive windows: py-libp2p credits the sender on nearly every read (its "partial
+    # slack" and "release on read" rules), an encrypted write back per received frame batch
+    # (~10% of a busy entry's CPU), and its read is not cancel-safe: YamuxStream.read takes the
+    # bytes out of the stream's buffer, then awaits that update, so a cancel landing there (a
+    # read timeout, an interrupted read) loses the bytes and the frame stream behind them is
+    # garbage (seen as receipts over tokens that disagree with what was relayed). Credit the
+    # go-yamux way instead: once half the window is consumed, and shielded.
+    if hasattr(_yamux_mod.YamuxStream, "_grow_to_delta") and hasattr(_yamux_mod.YamuxStream, "_grow_threshold"):
+        _yamux_mod.YamuxStream._auto_tune_and_send_window_update = _window_update_half_window
+    # TCP reads are unbuffered in py-libp2p: every Noise message costs two receive calls
+    # (its 2-byte length, then its body), each a trio wait + recv syscall. Read up to 64 KiB
+    # at once and serve the small reads from that: one syscall for all the messages that
+    # arrived together.
+    if not getattr(_trio_io_mod.TrioTCPStream.read, "_mesh_buffered", False):
+        _trio_io_mod.TrioTCPStream.read = _buffered_tcp_read(_trio_io_mod.TrioTCPStream.read)
     lg = logging.getLogger("libp2p")
     if not any(isinstance(h, _ForwardToMeshLogging) for h in lg.handlers):
         h = _ForwardToMeshLogging(level=logging.WARNING)
         lg.addHandler(h)
+
+
+# Bound on a shielded window update: one small write on the connection, which fails fast on
+# a dead connection; this only covers a peer that stops reading its socket.
+_WINDOW_UPDATE_TIMEOUT_S = 5.0
+
+
+async def _window_update_half_window(self, *, bytes_read: int = 0) -> None:
+    """Replaces YamuxStream._auto_tune_and_send_window_update (py-libp2p 0.8.1): credit the
+    sender once it has used half its window (go-yamux), never awaiting otherwise, so a read
+    costs no write and no checkpoint after it took its bytes. Nothing else holds window_lock
+    across an await, and this touches only receive-side counters without awaiting, so the
+    lock is not needed."""
+    buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+    delta = self.target_recv_window - (self.recv_window + buffered)
+    if delta <= 0 or delta < self._grow_threshold():
+        return
+    total = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+    self._pending_recv_release = 0
+    if total > 0:
+        # The caller's bytes are already out of the buffer: finish, then let a pending
+        # cancel land at the caller's next checkpoint, once it holds the data.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _WINDOW_UPDATE_TIMEOUT_S):
+            await self.send_window_update(total, skip_lock=True)
+
+
+_TCP_READ_SIZE = 65536
+
+
+def _buffered_tcp_read(original):
+    async def read(self, n: int | None = None) -> bytes:
+        if n is not None and n == 0:
+            return b""
+        buf = self.__dict__.get("_mesh_rbuf")
+        if buf:
+            if n is None or n < 0 or n >= len(buf):
+                self._mesh_rbuf = None
+                return bytes(buf)
+            out = bytes(buf[:n])
+            del buf[:n]
+            return out
+        want = _TCP_READ_SIZE if n is None or n < 0 else max(n, _TCP_READ_SIZE)
+        data = await original(self, want)
+        if n is None or n < 0 or len(data) <= n:
+            return data
+        self._mesh_rbuf = bytearray(data[n:])
+        return data[:n]
+
+    read._mesh_buffered = True
+    return read
 
 
 async def _no_republish(*args, **kwargs) -> None:
@@ -332,6 +400,25 @@ class MeshHost:
         self.identity = identity
         self._provide_limiter = _SlidingWindowLimiter(PROVIDE_MAX_PER_WINDOW, PROVIDE_WINDOW_S)
         self._last_provided: dict[bytes, float] = {}
+        self._value_listeners: list[Callable[[str, bytes], None]] = []
+
+    def on_value_stored(self, listener: Callable[[str, bytes], None]) -> None:
+        """Call `listener(key, value)` whenever another peer stores a value at us (we are
+        one of the DHT servers closest to its key) and our validator accepted it. Lets an
+        entry see a node's advert the moment it is published instead of at its next lookup.
+        Runs inside the DHT's request handler: keep it quick; its exceptions are logged."""
+        self._value_listeners.append(listener)
+
+    def _value_stored(self, key: bytes, value: bytes) -> None:
+        try:
+            k = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        for fn in list(self._value_listeners):
+            try:
+                fn(k, value)
+            except Exception:
+                log.exception("value listener failed")
 
     # -- identity and addresses -----------------------------------------------------------
 
@@ -515,6 +602,12 @@ class MeshHost:
                 for p in to_query:
                     queried.add(p)
                     nursery.start_soon(ask, p)
+        # So that a provider can be asked directly (its advert, get_value) without a lookup
+        # of its addresses; never replaces addresses we already have for it (a provider
+        # record may name where a restarted node used to listen).
+        for pid, addrs in found.items():
+            if addrs and pid != self.peer_id and not self.known_addrs(pid):
+                self.learn_addrs(pid, addrs)
         return [PeerAddrs(pid, addrs) for pid, addrs in list(found.items())[:count]]
 
     async def put_value(self, key: str, value: bytes, timeout: float = 10.0) -> int:
@@ -543,8 +636,18 @@ class MeshHost:
         return stored
 
     async def get_value(self, key: str, timeout: float = 10.0) -> bytes | None:
-        """The best valid value held by the closest peers (validator's choice), or None."""
+        """The best valid value held by the closest peers (validator's choice), or None.
+
+        A node's advert is asked of the node itself first: it holds its own latest signed
+        copy, one request instead of a lookup plus a request to each of the ~20 closest
+        peers, which made discovering a mesh of 30 nodes outlast every round's deadline.
+        The DHT is the fallback (an owner that is gone or unreachable)."""
         kb = key.encode()
+        owner = _advert_owner(key)
+        if owner is not None and owner != self.peer_id:
+            value = await self._get_from_owner(owner, key, kb, min(timeout / 2, OWNER_FETCH_TIMEOUT_S))
+            if value is not None:
+                return value
         validator = self._dht.validator
         values: list[bytes] = []
         local = self._dht.value_store.get(kb)
@@ -578,6 +681,26 @@ class MeshHost:
         if not valid:
             return None
         return valid[validator.select(key, valid)]
+
+    async def _get_from_owner(self, owner: str, key: str, kb: bytes, timeout: float) -> bytes | None:
+        try:
+            pid = ID.from_base58(owner)
+        except Exception:
+            return None
+        with trio.move_on_after(timeout):
+            try:
+                rec = await self._dht.value_store._get_from_peer(pid, kb, return_record=True)
+            except Exception:
+                log.debug("GET_VALUE to the owner %s failed", owner, exc_info=True)
+                return None
+            value = getattr(rec, "value", None) if rec is not None else None
+            if value:
+                try:
+                    self._dht.validator.validate(key, value)
+                except Exception:
+                    return None
+                return value
+        return None
 
     async def bootstrap(self, addrs: Iterable[str], *, timeout: float = DIAL_TIMEOUT_S) -> int:
         """Connect to bootstrap peers and join the DHT; returns how many answered."""
@@ -616,6 +739,29 @@ class MeshHost:
             await conn.close()
         except Exception:
             log.debug("closing a connection failed", exc_info=True)
+
+
+def _advert_owner(key: str) -> str | None:
+    """The peer an advert key names ("/mesh-advert/<peer id>"), else None."""
+    prefix = f"/{ADVERT_NAMESPACE}/"
+    if key.startswith(prefix):
+        peer = key[len(prefix):]
+        if peer and "/" not in peer:
+            return peer
+    return None
+
+
+def _tap_stored_values(dht: KadDHT, mesh: MeshHost) -> None:
+    # The DHT server stores a validated PUT_VALUE from another peer with put_record().
+    store = dht.value_store
+    original = store.put_record
+
+    def put_record(key: bytes, record) -> None:
+        original(key, record)
+        if mesh._value_listeners and getattr(record, "value", None):
+            mesh._value_stored(key, record.value)
+
+    store.put_record = put_record
 
 
 def _listen_multiaddr(listen_host: str, listen_port: int) -> Multiaddr:
@@ -679,6 +825,7 @@ async def open_mesh_host(
     dht.provider_store._republish_provider_records = _no_republish
     swarm.register_notifee(_ForgetDisconnectedPeers(dht))
     mesh = MeshHost(host, dht, identity)
+    _tap_stored_values(dht, mesh)
     # Raised only after the host's nurseries have closed: raised inside them, trio would
     # hand the caller an ExceptionGroup nested three deep instead of the error itself.
     deferred: Exception | None = None

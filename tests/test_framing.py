@@ -158,3 +158,13 @@ def test_fuzz_mutated_valid_streams(frames, data):
                     break
 
     trio.run(run)
+
+
+async def test_frame_ready_tells_whether_a_whole_frame_is_buffered():
+    data = encode_frame({"t": "a"}) + encode_frame({"t": "b"}) + encode_frame({"t": "c"})[:3]
+    reader = FrameReader(MemoryStream(data, chunk=len(data)))
+    assert not reader.frame_ready()  # nothing read yet
+    assert (await reader.read_frame())["t"] == "a"
+    assert reader.frame_ready()
+    assert (await reader.read_frame())["t"] == "b"
+    assert not reader.frame_ready()  # only part of the third is here
