@@ -121,5 +121,8 @@ async def test_canary_probes_catch_a_cheater_without_any_user_traffic(tmp_path, 
             await wait_for(lambda: st.model_sha256 in st.demoted, 90, "demotion by canaries")
             nursery.cancel_scope.cancel()
         canaries = [v for v in entry.verifier.verdicts if v.canary]
-        assert len(canaries) >= 2 and not any(v.passed for v in canaries)
+        # A lightly noised model can agree with the real one on a short probe now and then;
+        # what matters is that failing probes demote it (above) and are the majority.
+        failed = [v for v in canaries if not v.passed]
+        assert len(failed) >= 2 and len(failed) > len(canaries) / 2
         assert all(r["state"] == "withheld" for r in entry.ledger.node_requests(node.peer_id))

@@ -13,11 +13,12 @@ import pytest
 
 from entry.canary import CanaryProber
 from entry.mesh_view import REINSTATE_AFTER
+from entry.verify_stats import HARD, SOFT
 
 from tests.entry_mesh_support import collect, completion_spec, routable, serving_node, wait_for
 from tests.verify_support import verifying_entry
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROMPTS = ["The history of the printing press", "A recipe for tomato soup:", "Three reasons to learn to swim:",
            "Once upon a time in a small village,", "The main parts of a computer are", "Dear diary, today I",
@@ -41,7 +42,7 @@ async def test_honest_nodes_with_1_and_2_threads_are_never_flagged(tmp_path, smo
         n1 = await entry.add_node("t1", smollm2_path, threads=1)
         n2 = await entry.add_node("t2", smollm2_path, threads=2)
         await wait_for(lambda: routable(entry.backend, n1) and routable(entry.backend, n2), 30, "both routable")
-        for i in range(36):
+        for i in range(20):
             _only(entry, (n1, n2)[i % 2])
             spec = completion_spec(model_id, rng.choice(PROMPTS), rng.choice((16, 24, 32)), **rng.choice(PARAMS))
             await collect(entry.backend, spec)
@@ -51,23 +52,23 @@ async def test_honest_nodes_with_1_and_2_threads_are_never_flagged(tmp_path, smo
         # Canary probes (chat requests with their own shape) on both nodes too.
         prober = CanaryProber(entry.backend, entry.verifier, rng=rng)
         prober.config.max_tokens = (24,)
-        for node in (n1, n2) * 3:
+        for node in (n1, n2) * 2:
             _only(entry, node)
             assert await prober.probe(entry.state(node)) is not None
             assert await entry.verifier.wait_idle(60)
 
         verdicts = list(entry.verifier.verdicts)
-        assert len(verdicts) == 42
+        assert len(verdicts) == 24
         bad = [v for v in verdicts if not v.passed]
         assert not bad, bad
         per_node = {n.peer_id: sum(v.node == n.peer_id for v in verdicts) for n in (n1, n2)}
-        assert min(per_node.values()) == 21
+        assert min(per_node.values()) == 12
         assert entry.ledger.node_totals(n1.peer_id)["withheld"].requests == 0
         worst = max(v.max_deviation for v in verdicts)
-        print(f"\n42 honest verifications, worst per-token deviation {worst:.3f} (tolerance {0.35})")
+        print(f"\n24 honest verifications, worst per-token deviation {worst:.3f} (soft limit {SOFT}, hard {HARD})")
         for n in (n1, n2):
             st = entry.state(n)
-            assert st.reputation > 0.5 and not st.demoted and st.verified == 21
+            assert st.reputation > 0.5 and not st.demoted and st.verified == 12
 
 
 async def test_failover_split_credits_and_verifies_each_node_for_its_own_tokens(tmp_path, smollm2_path):
