@@ -7,7 +7,10 @@ A node is eligible for a request only if
 - it has a free slot by our count: our own requests there plus everyone else's (from its
   last status), never more than its slots, so we don't queue behind ourselves.
 Among the eligible, the best score wins: free slots, an empty queue, measured decode speed,
-low latency and good reputation each add to it.
+low latency and good reputation each add to it. A node we have sent little work to gets an
+exploration bonus that fades with every request it handles: reputation grows with served work,
+so without it a newcomer would never win against nodes that were there first, and we would
+never measure it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ W_SPEED = 1.0
 W_REPUTATION = 1.5
 W_QUEUE = 0.5
 W_LATENCY = 0.5
+W_EXPLORE = 1.0  # times 1/sqrt(1 + requests it handled): 1.0 for a newcomer, 0.3 after 10
 SPEED_HALF_TPS = 50.0  # decode tok/s worth half of the speed term; unknown speed scores this
 LATENCY_HALF_S = 0.05  # status round trip that costs half of the latency term
 JITTER = 1e-3  # breaks ties at random, so identical nodes share the load
@@ -52,6 +56,7 @@ def score(node: NodeState) -> float:
         + W_REPUTATION * node.reputation
         - W_QUEUE * queued / (queued + 1)
         - W_LATENCY * latency / (latency + LATENCY_HALF_S)
+        + W_EXPLORE / (1.0 + node.served + node.total_failures) ** 0.5
     )
 
 

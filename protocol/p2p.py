@@ -63,6 +63,9 @@ MAX_PROVIDERS_PER_KEY = 200
 NEGATIVE_CACHE_TTL_S = 5.0  # py-libp2p: 60 s, during which a restarted peer is unreachable
 DIAL_TIMEOUT_S = 5.0
 OWNER_FETCH_TIMEOUT_S = 2.0  # asking a node for its own advert before the DHT lookup
+# How long put_value reuses the peers its lookup found for a key. Readers ask a node for its
+# own advert first (get_value), so a closer peer that joined meanwhile delays nothing.
+STORERS_REUSE_S = 60.0
 
 
 class P2PError(Exception):
@@ -200,20 +203,26 @@ def _buffered_tcp_read(original):
     async def read(self, n: int | None = None) -> bytes:
         if n is not None and n == 0:
             return b""
-        buf = self.__dict__.get("_mesh_rbuf")
-        if buf:
-            if n is None or n < 0 or n >= len(buf):
-                self._mesh_rbuf = None
-                return bytes(buf)
-            out = bytes(buf[:n])
-            del buf[:n]
-            return out
-        want = _TCP_READ_SIZE if n is None or n < 0 else max(n, _TCP_READ_SIZE)
-        data = await original(self, want)
-        if n is None or n < 0 or len(data) <= n:
-            return data
-        self._mesh_rbuf = bytearray(data[n:])
-        return data[:n]
+        lock = self.__dict__.get("_mesh_read_lock")
+        if lock is None:
+            lock = self._mesh_read_lock = trio.Lock()
+        # Held across the buffer and the socket: a second reader must queue behind the
+        # first, or bytes it received could overtake bytes the first left in the buffer.
+        async with lock:
+            buf = self.__dict__.get("_mesh_rbuf")
+            if buf:
+                if n is None or n < 0 or n >= len(buf):
+                    self._mesh_rbuf = None
+                    return bytes(buf)
+                out = bytes(buf[:n])
+                del buf[:n]
+                return out
+            want = _TCP_READ_SIZE if n is None or n < 0 else max(n, _TCP_READ_SIZE)
+            data = await original(self, want)
+            if n is None or n < 0 or len(data) <= n:
+                return data
+            self._mesh_rbuf = bytearray(data[n:])
+            return data[:n]
 
     read._mesh_buffered = True
     return read
@@ -401,6 +410,9 @@ class MeshHost:
         self._provide_limiter = _SlidingWindowLimiter(PROVIDE_MAX_PER_WINDOW, PROVIDE_WINDOW_S)
         self._last_provided: dict[bytes, float] = {}
         self._value_listeners: list[Callable[[str, bytes], None]] = []
+        # put_value's closest peers per key, reused for a while: a node re-publishes its
+        # advert every few seconds and a fresh lookup each time was half its idle DHT traffic.
+        self._storers: dict[bytes, tuple[float, list[ID]]] = {}
 
     def on_value_stored(self, listener: Callable[[str, bytes], None]) -> None:
         """Call `listener(key, value)` whenever another peer stores a value at us (we are
@@ -616,7 +628,13 @@ class MeshHost:
         kb = key.encode()
         self._dht.value_store.put(kb, value)  # we are a storer too
         deadline = trio.current_time() + timeout
-        peers = await self._closest_peers(self._value_lookup_key(kb), trio.current_time() + timeout / 2)
+        lookup_key = self._value_lookup_key(kb)
+        cached = self._storers.get(lookup_key)
+        if cached is not None and time.monotonic() - cached[0] < STORERS_REUSE_S:
+            peers = cached[1]
+        else:
+            peers = await self._closest_peers(lookup_key, trio.current_time() + timeout / 2)
+            self._storers[lookup_key] = (time.monotonic(), peers)
         stored = 0
         limiter = trio.CapacityLimiter(10)
 
@@ -633,6 +651,8 @@ class MeshHost:
             async with trio.open_nursery() as nursery:
                 for p in peers:
                     nursery.start_soon(store, p)
+        if stored < (len(peers) + 1) // 2:
+            self._storers.pop(lookup_key, None)  # many are gone: look them up afresh next time
         return stored
 
     async def get_value(self, key: str, timeout: float = 10.0) -> bytes | None:

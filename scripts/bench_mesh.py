@@ -595,6 +595,16 @@ def section_failover(args) -> dict:
     res = {"rate": args.failover_rate, "kills": rows, "gap_ms_median": statistics.median(gaps) if gaps else None,
            "gap_ms_max": max(gaps) if gaps else None,
            "complete": all(r["tokens"] == int(args.failover_rate * 4) for r in rows)}
+    if args.failover_real:
+        # The same with the real model: the new node replays the delivered tokens one at a
+        # time (bit-exact continuation), so the gap includes that replay.
+        from bench_entry import bench_failover
+        from node.model_file import bundled_model_path
+
+        say(f"  with the real model: {args.failover_real} kills of 1-thread SmolLM2 nodes after 3 tokens …")
+        with tempfile.TemporaryDirectory() as tmp:
+            res["real_model"] = bench_failover(Path(tmp), str(args.model or bundled_model_path()), 200, args.failover_real)
+        say(f"  real model: gaps {res['real_model']['gaps_ms']} ms")
     return res
 
 
@@ -665,7 +675,14 @@ def section_scale(args) -> dict:
             t0 = time.monotonic()
             m.add_nodes(size - len(m.live_nodes()), model, rate=args.scale_rate, slots=args.scale_slots, queue=0)
             started = time.monotonic() - t0
-            routable = started + m.wait_ready_count(model, size, 60)
+            try:
+                routable = started + m.wait_ready_count(model, size, 60)
+            except RuntimeError as e:
+                # Keep what was measured; the rows so far and the churn run still count.
+                seen = sum(1 for x in m.nodes_view() if x["model"] == model and x["state"] == "ready")
+                res["sizes"].append({"nodes": size, "start_s": round(started, 1), "error": str(e), "ready_seen": seen})
+                say(f"  {size} nodes: only {seen} routable after 60 s ({e})")
+                break
             time.sleep(2.0)
             # Idle cost of the mesh at this size: adverts, provider records, status polls.
             live = m.live_nodes()
@@ -689,7 +706,7 @@ def section_scale(args) -> dict:
             say(f"  {size} nodes: all routable {routable:.1f} s after the first of them started, RSS/node "
                 f"{row['node_rss_mb_mean']:.0f} MB, find_providers p50 {row['find_providers_ms_p50']} ms, "
                 f"discover_all p50 {row['discover_all_ms_p50']} ms, {row['adverts_found']} adverts found")
-        say(table(res["sizes"], [("nodes", "nodes", ""), ("all_routable_s", "all routable s", ".1f"),
+        say(table([r for r in res["sizes"] if "error" not in r], [("nodes", "nodes", ""), ("all_routable_s", "all routable s", ".1f"),
                                  ("node_rss_mb_mean", "RSS/node MB", ".0f"), ("node_rss_mb_max", "max", ".0f"),
                                  ("entry_rss_mb", "entry RSS MB", ".0f"),
                                  ("find_providers_ms_p50", "find_providers p50 ms", ".0f"), ("find_providers_ms_max", "max", ".0f"),
@@ -772,16 +789,21 @@ def summary(results: dict) -> list[dict]:
         rows.append({"metric": "killed node out of routing (s, max)", "target": "<= 5", "result": v, "ok": v is not None and v <= 5})
     fo = results.get("failover")
     if fo:
-        rows.append({"metric": "failover gap (ms, max)", "target": "<= 2000", "result": fo["gap_ms_max"],
+        rows.append({"metric": "failover gap, synthetic (ms, max)", "target": "<= 2000", "result": fo["gap_ms_max"],
                      "ok": fo["gap_ms_max"] is not None and fo["gap_ms_max"] <= 2000 and fo["complete"]})
+        real = fo.get("real_model")
+        if real and real.get("gap_ms_max") is not None:
+            rows.append({"metric": "failover gap, SmolLM2 (ms, max)", "target": "<= 2000", "result": real["gap_ms_max"],
+                         "ok": real["gap_ms_max"] <= 2000})
     sc = results.get("scale")
     if sc and sc.get("churn"):
         c = sc["churn"]
         rows.append({"metric": f"failed requests under churn ({c['kills']} killed, {c['adds']} added)", "target": "0",
                      "result": c["failed"], "ok": c["failed"] == 0})
         big = sc["sizes"][-1]
-        rows.append({"metric": f"nodes discovered at {big['nodes']}", "target": str(big["nodes"]), "result": big["adverts_found"],
-                     "ok": big["adverts_found"] >= big["nodes"]})
+        found = big.get("adverts_found", big.get("ready_seen", 0))
+        rows.append({"metric": f"nodes discovered at {big['nodes']}", "target": str(big["nodes"]), "result": found,
+                     "ok": found >= big["nodes"]})
     ov = results.get("overhead")
     if ov:
         e2e = ov["paths"]["entry+node"]
@@ -813,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="routing probes with synthetic nodes only (default: also 2 with the bundled model)")
     ap.add_argument("--failover-kills", type=int, default=None)
     ap.add_argument("--failover-rate", type=float, default=50.0, help="synthetic tok/s of the failover nodes")
+    ap.add_argument("--failover-real", type=int, default=None, help="kills measured with the real model too (default 2; --quick 0)")
     ap.add_argument("--scale-sizes", default=None, help="mesh sizes to grow through (default 5,10,30; --quick 5,10)")
     ap.add_argument("--scale-rate", type=float, default=100.0)
     ap.add_argument("--scale-slots", type=int, default=2)
@@ -834,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {"capacity_seconds": 6.0 if q else 12.0, "routing_probes": 3 if q else 5, "failover_kills": 2 if q else 3,
                 "scale_sizes": "5,10" if q else "5,10,30", "churn_seconds": 15.0 if q else 30.0,
                 "churn_kills": 2 if q else 4, "churn_adds": 2 if q else 4, "overhead_runs": 3 if q else 5,
-                "overhead_tokens": 64 if q else 128}
+                "overhead_tokens": 64 if q else 128, "failover_real": 0 if q else 2}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -9,8 +9,10 @@
 
     .venv/bin/python scripts/bench_verify.py [--honest 500] [--cheat-requests 30] [--json out.json]
 
-Generation and verification never overlap (one llama.cpp at work at a time), so the timings
-are clean on a 2-core machine.
+Generation and verification never overlap (one llama.cpp at work at a time). Cost is
+measured in CPU seconds of this process (time.process_time), so other load on the machine
+does not distort it: the verifier runs 1 thread, and generation compute is taken from the
+1-thread generations (2 threads cost more CPU per token here: spin-waiting).
 """
 
 from __future__ import annotations
@@ -52,10 +54,10 @@ def make_request(rng: random.Random, sha: str, max_tokens: int):
 
 
 def generate(engine: Engine, request) -> tuple[list[int], str, int, float]:
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     gen = engine.run(request)
     ids = [s.token for s in gen if s.token is not None]
-    return ids, gen.finish_reason, gen.prompt_tokens, time.perf_counter() - t0
+    return ids, gen.finish_reason, gen.prompt_tokens, time.process_time() - t0
 
 
 def record(request, ids, finish, prompt_tokens, split: int | None = None) -> GenerationRecord:
@@ -67,15 +69,15 @@ def record(request, ids, finish, prompt_tokens, split: int | None = None) -> Gen
 
 
 def timed_check(verifier: Verifier, rec: GenerationRecord):
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     verdicts = verifier.check(rec)
-    return verdicts, time.perf_counter() - t0
+    return verdicts, time.process_time() - t0
 
 
 def honest_phase(args, verifier, engines, sha, rng) -> dict:
     gen_s = {1: 0.0, 2: 0.0}
     gen_tokens = {1: 0, 2: 0}
-    ver_s = 0.0
+    ver_s = {1: 0.0, 2: 0.0}
     devs, pvals, flagged, n_verdicts, soft, tokens = [], [], [], 0, 0, 0
     worst: list[tuple] = []
     for i in range(args.honest):
@@ -86,7 +88,7 @@ def honest_phase(args, verifier, engines, sha, rng) -> dict:
         gen_tokens[threads] += len(ids)
         split = rng.randrange(1, len(ids)) if len(ids) > 2 and i % 5 == 0 else None  # some failover splits
         verdicts, vs = timed_check(verifier, record(req, ids, finish, n_prompt, split))
-        ver_s += vs
+        ver_s[threads] += vs
         for v in verdicts:
             n_verdicts += 1
             devs.append(v.max_deviation)
@@ -173,22 +175,24 @@ def main() -> int:
         "truncate-stop": None,
     }
     print(f"cheaters: {args.cheat_requests} requests each, all re-scored", flush=True)
-    detection = cheat_phase(args, verifier, engines[2], cheats, sha, rng)
+    detection = cheat_phase(args, verifier, engines[2], cheats, sha, rng) if args.cheat_requests else {}
 
-    g1 = honest["gen_seconds"][1] / max(1, honest["gen_tokens"][1])
-    g2 = honest["gen_seconds"][2] * 2 / max(1, honest["gen_tokens"][2])  # thread-seconds per token
-    total_tokens = sum(honest["gen_tokens"].values())
-    gen_compute = g1 * total_tokens  # 1-thread generation: the cheapest per thread, so the strictest ratio
-    per_request = honest["verify_seconds"] / gen_compute
+    g1 = honest["gen_seconds"][1] / max(1, honest["gen_tokens"][1])  # CPU s per generated token
+    g2 = honest["gen_seconds"][2] / max(1, honest["gen_tokens"][2])
+    # Verification of the 1-thread half against its generation: the same requests, the
+    # cheapest generation per CPU second, so the strictest ratio.
+    per_request = honest["verify_seconds"][1] / max(1e-9, honest["gen_seconds"][1])
+    per_request_2 = honest["verify_seconds"][2] / max(1e-9, honest["gen_seconds"][2])
     new_phase = [cfg.new_rate] * cfg.new_until
     n = args.within
     result = {
         "honest": honest,
         "cost": {"verify_over_generation_per_verified_request": per_request,
+                 "same_vs_2_thread_generation": per_request_2,
                  "at_default_rate": cfg.rate * per_request,
                  "default_rate": cfg.rate,
                  "first_1000_requests_of_a_new_node": (cfg.new_until + cfg.rate * (1000 - cfg.new_until)) / 1000 * per_request,
-                 "gen_thread_s_per_token": {"1 thread": g1, "2 threads": g2}},
+                 "gen_cpu_s_per_token": {"1 thread": g1, "2 threads": g2}},
         "detection": {mode: {**d,
                              f"within_{n}_new_node": within(d["rate"], (new_phase + [cfg.rate] * n)[:n]),
                              f"within_{n}_established_node": within(d["rate"], [cfg.rate] * n)}

@@ -107,6 +107,24 @@ def test_score_prefers_free_fast_near_and_reputable_nodes():
     assert _winner(measured, node("b", tps=100)).peer_id == "b"
 
 
+def test_a_newcomer_gets_work_beside_nodes_that_earned_reputation():
+    veterans = [node(f"v{i}", slots=2) for i in range(3)]
+    for v in veterans:
+        for _ in range(40):
+            v.succeeded()
+    newcomer = node("new", slots=2)
+    assert _winner(*veterans, newcomer).peer_id == "new"
+    # the bonus fades as it serves: after a handful of requests it is one node among equals
+    for _ in range(5):
+        newcomer.succeeded()
+    assert _winner(*veterans, newcomer).peer_id != "new"
+    # and a node that keeps failing does not keep it
+    flaky = node("flaky", slots=2)
+    for _ in range(8):
+        flaky.penalize(NOW - 100, 0.15)
+    assert _winner(*veterans, flaky).peer_id != "flaky"
+
+
 def test_identical_nodes_share_the_load():
     nodes = [node("a"), node("b")]
     rng = random.Random(1)
