@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from mesh_cli.heap import freeze_startup_heap
 from protocol.identity import Identity
 from protocol.p2p import open_mesh_host
 
@@ -65,6 +66,7 @@ class EntryDaemon:
                         await nursery.start(CanaryProber(backend, verifier, CanaryConfig(interval=cfg.canary_interval)).run)
                     port = await nursery.start(serve_api, app, cfg.http_host, cfg.http_port)
                     url = f"http://{cfg.http_host}:{port}"
+                    freeze_startup_heap()
                     self._write_ready(url, identity.peer_id, host.listen_addrs)
                     log.info("entry ready", extra={"url": url, "p2p": ",".join(host.listen_addrs),
                                                    "mode": "open" if cfg.open else "api keys"})

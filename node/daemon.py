@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from mesh_cli.heap import freeze_startup_heap
 from protocol import INFER_PROTOCOL_ID
 from protocol.identity import Identity
 from protocol.records import CapacityAdvert
@@ -117,6 +118,7 @@ class NodeDaemon:
                 nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                 await self._publish()
                 nursery.start_soon(self._advertise_loop)
+                freeze_startup_heap()
                 self._write_ready(host)
                 log.info("node ready", extra={"peer": self.identity.peer_id, "addrs": ",".join(host.listen_addrs),
                                               "slots": cfg.slots, "model": self.model_id})
