@@ -49,13 +49,20 @@ async def publish_advert(
     *,
     reprovide_interval: float = REPROVIDE_INTERVAL_S,
     timeout: float = 10.0,
+    replicate: bool = True,
 ) -> int:
     """Store our signed advert and (if due) re-provide the model key and the directory key.
 
+    replicate=False refreshes only our own copy: readers ask the owner first, so the copies
+    at the storers need refreshing only before they expire, not on every refresh.
     Returns how many remote peers accepted the advert: 0 means nobody else can see us yet
-    (alone in the mesh, or every storer refused it)."""
+    (alone in the mesh, or every storer refused it), and always 0 without replicate."""
     blob = advert.sign(identity)
-    stored = await host.put_value(advert_key(identity.peer_id), blob, timeout=timeout)
+    if replicate:
+        stored = await host.put_value(advert_key(identity.peer_id), blob, timeout=timeout)
+    else:
+        host.store_local(advert_key(identity.peer_id), blob)
+        stored = 0
     # Two provides per reprovide_interval; host.provide() paces them under the storers'
     # ADD_PROVIDER limit, and skips each until it is due again.
     await host.provide(model_key(advert.model_sha256), min_interval=reprovide_interval)

@@ -396,3 +396,43 @@ async def test_announce_addrs_replace_advertised_addresses():
     announced = "/ip4/203.0.113.7/tcp/4001"
     async with open_mesh_host(Identity.generate(), announce_addrs=[announced]) as host:
         assert host.listen_addrs == [f"{announced}/p2p/{host.peer_id}"]
+
+
+# -- signed peer records --------------------------------------------------------------------
+
+async def test_verified_peer_records_are_remembered_and_bad_ones_refused():
+    import libp2p.kad_dht.utils as kad_utils
+    from libp2p.peer.peerstore import create_signed_peer_record
+
+    async with open_mesh_host(Identity.generate()):
+        consume = kad_utils.consume_envelope
+        assert consume._mesh_memoized
+        kp = generate_new_ed25519_identity()
+        pid = ID.from_pubkey(kp.public_key)
+        data = create_signed_peer_record(pid, [Multiaddr("/ip4/127.0.0.1/tcp/4001")], kp.private_key).marshal_envelope()
+        first = consume(data, "libp2p-peer-record")
+        assert first[1].peer_id == pid
+        assert consume(data, "libp2p-peer-record") is first  # no second signature check
+        # One flipped byte in the signed payload: verified from scratch, refused, not cached.
+        bad = bytearray(data)
+        bad[-70] ^= 1
+        with pytest.raises(Exception):
+            consume(bytes(bad), "libp2p-peer-record")
+        assert (bytes(bad), "libp2p-peer-record") not in consume._mesh_cache
+        # The same bytes under another domain are checked as what they are.
+        with pytest.raises(Exception):
+            consume(data, "another-domain")
+
+
+async def test_remembered_peer_records_are_bounded(monkeypatch):
+    import libp2p.kad_dht.utils as kad_utils
+    from libp2p.peer.peerstore import create_signed_peer_record
+
+    monkeypatch.setattr(p2p, "ENVELOPE_CACHE_SIZE", 3)
+    async with open_mesh_host(Identity.generate()):
+        consume = kad_utils.consume_envelope
+        for _ in range(5):
+            kp = generate_new_ed25519_identity()
+            rec = create_signed_peer_record(ID.from_pubkey(kp.public_key), [Multiaddr("/ip4/127.0.0.1/tcp/4001")], kp.private_key)
+            consume(rec.marshal_envelope(), "libp2p-peer-record")
+        assert len(consume._mesh_cache) <= 3
