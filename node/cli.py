@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
     s.add_argument("--identity", help="identity key file (default: STATE_DIR/node.key, created if missing)")
     s.add_argument("--state-dir", help="directory for the key, control socket and ready file (default: ~/.mesh/node)")
     s.add_argument("--drain-seconds", type=float, help="grace period for in-flight work when stopping (default 30)")
-    s.add_argument("--advert-interval", type=float, help="seconds between capacity advert refreshes (default 5)")
+    s.add_argument("--advert-interval", type=float,
+                   help="seconds between capacity advert refreshes (default 5); the DHT storers get every 2nd, adverts live 4 intervals")
     s.add_argument("--skip-benchmark", action="store_true", default=None, help="don't measure speed at start (advertise 0 tok/s)")
     s.add_argument("--synthetic", metavar="NAME", help="benchmarks only: serve a synthetic engine (no model; "
                    "deterministic tokens at --synthetic-rate) under this model name instead of a GGUF file")
