@@ -23,7 +23,8 @@ of tokens. Every check is therefore phrased as a *deviation*:
 
 Thresholds (calibrated in scripts/bench_verify.py on 500+ honest generations, 1 and 2 node
 threads, greedy and sampled): honest tokens deviate by 0.07 at the 99th percentile and 0.34
-at most; a token deviating more than SOFT = 0.25 happened once in 7,444 tokens. A part of a
+at most; a token deviating more than SOFT = 0.25 happened once in 7,444 tokens (a later run:
+once in 24,650, largest deviation 0.27; see BENCHMARKS.md). A part of a
 generation (one node's share) fails when
   - any token deviates more than HARD = 1.0 (3x the largest honest deviation seen), or
   - more tokens deviate more than SOFT than a binomial test allows at ALPHA = 1e-6, assuming
