@@ -167,6 +167,17 @@ def apply_global_workarounds() -> None:
     # arrived together.
     if not getattr(_trio_io_mod.TrioTCPStream.read, "_mesh_buffered", False):
         _trio_io_mod.TrioTCPStream.read = _buffered_tcp_read(_trio_io_mod.TrioTCPStream.read)
+    # Yamux takes its streams lock for every frame it receives and every read of a stream,
+    # and py-libp2p's TCP stream takes a lock for every read and write: an uncontended
+    # trio.Lock still yields to the scheduler, and on a busy entry each yield queues the
+    # connection's one reader task (every stream of that node waits on it) behind all other
+    # runnable tasks. Those locks now yield only when contended; a stream read that finds
+    # bytes already buffered returns them without the lock round trip.
+    if not getattr(_yamux_mod.Yamux.__init__, "_mesh_fast_locks", False):
+        _yamux_mod.Yamux.__init__ = _with_fast_locks(_yamux_mod.Yamux.__init__, ("streams_lock",))
+        _yamux_mod.Yamux.read_stream = _buffered_read_stream(_yamux_mod.Yamux.read_stream)
+    if not getattr(_trio_io_mod.TrioTCPStream.__init__, "_mesh_fast_locks", False):
+        _trio_io_mod.TrioTCPStream.__init__ = _with_fast_locks(_trio_io_mod.TrioTCPStream.__init__, ("read_lock", "write_lock"))
     # Every DHT answer carries a signed peer record per peer it names, and py-libp2p checks
     # each signature anew: in a 30-node mesh that was ~13% of an idle entry's CPU (a discovery
     # round every 1.5 s sees the same few dozen records again and again). The same bytes
@@ -177,6 +188,75 @@ def apply_global_workarounds() -> None:
     if not any(isinstance(h, _ForwardToMeshLogging) for h in lg.handlers):
         h = _ForwardToMeshLogging(level=logging.WARNING)
         lg.addHandler(h)
+
+
+class NoYieldLock:
+    """A trio.Lock (mutual exclusion, FIFO hand-over when contended) whose uncontended
+    acquire does not yield to the scheduler. For locks py-libp2p takes around short,
+    non-blocking sections on every frame: the yield, not the exclusion, was the cost."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def acquire(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def statistics(self):
+        return self._lock.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+
+def _with_fast_locks(init, names: tuple[str, ...]):
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for name in names:
+            setattr(self, name, NoYieldLock())
+
+    __init__._mesh_fast_locks = True
+    return __init__
+
+
+def _buffered_read_stream(original):
+    """Yamux.read_stream (py-libp2p 0.8.1) with a fast path: bytes already in the stream's
+    buffer are returned at once, as the original's own "data in buffer" branch would
+    return them, without its lock and its debug-message formatting. Anything else (no
+    data yet, reset, closed, shutting down) takes the original path."""
+
+    async def read_stream(self, stream_id: int, n: int = -1) -> bytes:
+        if not self.streams_lock.locked() and not self.event_shutting_down.is_set():
+            stream = self.streams.get(stream_id)
+            buffer = self.stream_buffers.get(stream_id)
+            if stream is not None and buffer and not stream.reset_received and not stream.closed:
+                if n is None or n < 0 or n >= len(buffer):
+                    data = bytes(buffer)
+                    buffer.clear()
+                else:
+                    data = bytes(buffer[:n])
+                    del buffer[:n]
+                return data
+        return await original(self, stream_id, n)
+
+    read_stream._mesh_buffered = True
+    return read_stream
 
 
 ENVELOPE_CACHE_SIZE = 4096  # verified signed peer records kept (~300 bytes each)
@@ -230,23 +310,33 @@ _TCP_READ_SIZE = 65536
 
 
 def _buffered_tcp_read(original):
+    def take(self, buf: bytearray, n: int | None) -> bytes:
+        if n is None or n < 0 or n >= len(buf):
+            self._mesh_rbuf = None
+            return bytes(buf)
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
     async def read(self, n: int | None = None) -> bytes:
         if n is not None and n == 0:
             return b""
         lock = self.__dict__.get("_mesh_read_lock")
         if lock is None:
             lock = self._mesh_read_lock = trio.Lock()
+        buf = self.__dict__.get("_mesh_rbuf")
+        if buf and not lock.locked():
+            # Served from what an earlier read received, without yielding to the scheduler:
+            # a Noise message is two such reads and a Yamux frame two more, and on a busy
+            # loop every yield queues the reader behind all other runnable tasks (the
+            # lock's two checkpoints per read were a large share of an event's latency).
+            return take(self, buf, n)
         # Held across the buffer and the socket: a second reader must queue behind the
         # first, or bytes it received could overtake bytes the first left in the buffer.
         async with lock:
             buf = self.__dict__.get("_mesh_rbuf")
             if buf:
-                if n is None or n < 0 or n >= len(buf):
-                    self._mesh_rbuf = None
-                    return bytes(buf)
-                out = bytes(buf[:n])
-                del buf[:n]
-                return out
+                return take(self, buf, n)
             want = _TCP_READ_SIZE if n is None or n < 0 else max(n, _TCP_READ_SIZE)
             data = await original(self, want)
             if n is None or n < 0 or len(data) <= n:

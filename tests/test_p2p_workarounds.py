@@ -436,3 +436,72 @@ async def test_remembered_peer_records_are_bounded(monkeypatch):
             rec = create_signed_peer_record(ID.from_pubkey(kp.public_key), [Multiaddr("/ip4/127.0.0.1/tcp/4001")], kp.private_key)
             consume(rec.marshal_envelope(), "libp2p-peer-record")
         assert len(consume._mesh_cache) <= 3
+
+
+# -- locks and reads on the hot path ----------------------------------------------------------
+
+async def test_no_yield_lock_excludes_and_hands_over_in_order():
+    lock = p2p.NoYieldLock()
+    # Uncontended: taken without a trip through the scheduler (nothing else runs meanwhile).
+    ran = []
+
+    async def other():
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        async with lock:
+            assert lock.locked() and ran == []
+        assert not lock.locked()
+    assert ran == ["other"]
+    # Contended: mutual exclusion, first come first served.
+    order, inside = [], []
+
+    async def worker(i):
+        await trio.sleep(i * 0.01)
+        async with lock:
+            inside.append(i)
+            assert len(inside) == 1
+            await trio.sleep(0.02)
+            order.append(i)
+            inside.pop()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(worker, i)
+    assert order == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError):
+        lock.release()  # not held
+
+
+async def test_stream_reads_served_from_buffer_keep_bytes_and_order():
+    """Frames of all sizes through the buffered TCP read and Yamux's fast read path, with
+    readers cancelled mid-read: every byte arrives once, in order."""
+    import libp2p.stream_muxer.yamux.yamux as yamux_mod
+
+    assert getattr(yamux_mod.Yamux.read_stream, "_mesh_buffered", False)
+    payloads = [{"i": i, "pad": "x" * (i * 37 % 5000)} for i in range(300)]
+    async with open_mesh_host(Identity.generate()) as a, open_mesh_host(Identity.generate()) as b:
+        got = []
+
+        async def handler(stream, remote):
+            reader = FrameReader(stream)
+            while True:
+                with trio.move_on_after(0.0005) as cs:  # reads cut short at any point
+                    frame = await reader.read_frame()
+                if cs.cancelled_caught:
+                    continue
+                if frame is None:
+                    break
+                got.append(frame)
+
+        b.set_stream_handler("/mesh/test-order/1", handler)
+        stream = await a.open_stream(b.peer_id, "/mesh/test-order/1", b.listen_addrs)
+        writer = FrameWriter(stream)
+        for i in range(0, len(payloads), 7):
+            await writer.write_frames(payloads[i:i + 7])
+        await stream.close()
+        with trio.fail_after(10):
+            while len(got) < len(payloads):
+                await trio.sleep(0.01)
+        assert got == payloads
