@@ -827,7 +827,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the overhead section")
     ap.add_argument("--rate", type=float, default=250.0, help="synthetic tok/s per stream (capacity, routing)")
     ap.add_argument("--capacity-streams", default="1,16,64")
-    ap.add_argument("--capacity-nodes", type=int, default=4)
+    # 2: the nodes share one core with the load generator here, and every extra node process
+    # adds scheduling contention that shows up as gaps (p99 at 64 streams: 1 node 50 ms,
+    # 2 nodes 43-44, 4 nodes 50-84, 8 nodes 104), not as entry load.
+    ap.add_argument("--capacity-nodes", type=int, default=2,
+                    help="synthetic nodes serving the capacity run (default 2; see BENCHMARKS.md)")
     ap.add_argument("--capacity-tokens", type=int, default=500, help="tokens per request in the capacity run")
     ap.add_argument("--capacity-seconds", type=float, default=None)
     ap.add_argument("--routing-probes", type=int, default=None)
