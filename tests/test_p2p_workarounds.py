@@ -440,7 +440,7 @@ async def test_remembered_peer_records_are_bounded(monkeypatch):
 
 # -- locks and reads on the hot path ----------------------------------------------------------
 
-async def test_no_yield_lock_excludes_and_hands_over_in_order():
+async def test_no_yield_lock_excludes_and_hands_over_in_order(autojump_clock):
     lock = p2p.NoYieldLock()
     # Uncontended: taken without a trip through the scheduler (nothing else runs meanwhile).
     ran = []
