@@ -44,8 +44,9 @@ from typing import Sequence
 
 import numpy as np
 
-# The node's own selection helpers: the verifier must cut exactly where the sampler cuts.
-from node.sampling import _nucleus, _top_set
+# The node's own sampling steps: the verifier must penalise and cut exactly as the sampler does.
+from node.sampling import kept_set as _sampler_kept_set
+from node.sampling import penalized
 
 SOFT = 0.25
 HARD = 1.0
@@ -95,38 +96,10 @@ def binomial_limit(n: int, rho: float = RHO0, alpha: float = ALPHA) -> int:
 
 # -- sampling distributions, exactly as node/sampling.py builds them ---------------------------
 
-def penalized(logits: np.ndarray, params, history: Sequence[int]) -> np.ndarray:
-    """float64 logits after the repeat/frequency/presence penalties (node/sampling.py step 1)."""
-    p = params
-    x = logits.astype(np.float64)
-    active = p.repeat_last_n > 0 and (p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
-    if active and len(history):
-        window = np.asarray(history[-p.repeat_last_n:], dtype=np.int64)
-        ids, counts = np.unique(window, return_counts=True)
-        ok = (ids >= 0) & (ids < x.shape[0])
-        ids, counts = ids[ok], counts[ok]
-        v = x[ids]
-        if p.repeat_penalty > 0.0 and p.repeat_penalty != 1.0:
-            v = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
-        x[ids] = v - counts * p.frequency_penalty - p.presence_penalty
-    return x
-
-
 def kept_set(x: np.ndarray, params) -> tuple[np.ndarray, np.ndarray]:
     """(ascending ids, unnormalised probs) the sampler draws from, for scaled logits x."""
-    p = params
-    ids = np.arange(x.shape[0])
-    if 0 < p.top_k < x.shape[0]:
-        ids = _top_set(x, p.top_k)
-    xs = x[ids]
-    probs = np.exp(xs - xs.max())
-    if p.top_p < 1.0:
-        sel = _nucleus(probs, p.top_p)
-        ids, probs = ids[sel], probs[sel]
-    if p.min_p > 0.0:
-        sel = np.flatnonzero(probs >= p.min_p)
-        ids, probs = ids[sel], probs[sel]
-    return ids, probs
+    ids, probs = _sampler_kept_set(x, params)
+    return (np.arange(x.shape[0]) if ids is None else ids), probs
 
 
 def draws(seed: int, n: int) -> np.ndarray:

@@ -100,10 +100,6 @@ class TokenSampler:
         # A random seed is still a seed: reporting it lets a verifier replay the draws.
         self.seed: int = s if s is not None else secrets.randbits(63)
         self._rng = None if self.greedy else np.random.Generator(np.random.PCG64(self.seed))
-        p = params
-        self._penalize = p.repeat_last_n > 0 and (
-            p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-        )
 
     def skip(self, n_tokens: int) -> None:
         """Advance the RNG past tokens another node already sampled (failover)."""
@@ -116,35 +112,52 @@ class TokenSampler:
         if self.greedy:
             return int(np.argmax(logits))
         p = self.params
-        x = logits.astype(np.float64)
-        if self._penalize and len(history):
-            window = np.asarray(history[-p.repeat_last_n :], dtype=np.int64)
-            ids, counts = np.unique(window, return_counts=True)
-            ids_ok = (ids >= 0) & (ids < x.shape[0])
-            ids, counts = ids[ids_ok], counts[ids_ok]
-            v = x[ids]
-            if p.repeat_penalty > 0.0 and p.repeat_penalty != 1.0:
-                v = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
-            x[ids] = v - counts * p.frequency_penalty - p.presence_penalty
-        x /= p.temperature
-        # Work on (ids, probs) with ids ascending; ids None means "the whole vocabulary".
-        ids = None
-        if 0 < p.top_k < x.shape[0]:
-            ids = _top_set(x, p.top_k)
-            x = x[ids]
-        probs = np.exp(x - x.max())
-        if p.top_p < 1.0:
-            sel = _nucleus(probs, p.top_p)
-            ids, probs = (sel if ids is None else ids[sel]), probs[sel]
-        if p.min_p > 0.0:
-            # After the steps above the largest prob is still exp(0) = 1.
-            sel = np.flatnonzero(probs >= p.min_p)
-            ids, probs = (sel if ids is None else ids[sel]), probs[sel]
+        ids, probs = kept_set(penalized(logits, p, history) / p.temperature, p)
         cum = np.cumsum(probs)
         u = self._rng.random() * cum[-1]
         # u < total, so j is in range; the clamp only covers rounding at the very end.
         j = min(int(np.searchsorted(cum, u, side="right")), cum.shape[0] - 1)
         return int(j if ids is None else ids[j])
+
+
+# Steps 1 and 3-5, shared with the verifier (entry/verify_stats.py), which must cut exactly
+# where the sampler cuts.
+
+def penalized(logits: np.ndarray, params, history: Sequence[int]) -> np.ndarray:
+    """A float64 copy of the raw logits after the repeat/frequency/presence penalties
+    (step 1; `logits` is not modified)."""
+    p = params
+    x = logits.astype(np.float64)
+    active = p.repeat_last_n > 0 and (p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
+    if active and len(history):
+        window = np.asarray(history[-p.repeat_last_n :], dtype=np.int64)
+        ids, counts = np.unique(window, return_counts=True)
+        ok = (ids >= 0) & (ids < x.shape[0])
+        ids, counts = ids[ok], counts[ok]
+        v = x[ids]
+        if p.repeat_penalty > 0.0 and p.repeat_penalty != 1.0:
+            v = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
+        x[ids] = v - counts * p.frequency_penalty - p.presence_penalty
+    return x
+
+
+def kept_set(x: np.ndarray, params) -> tuple[np.ndarray | None, np.ndarray]:
+    """(ascending ids, unnormalised probs) left after top_k, top_p and min_p (steps 3-5)
+    for scaled logits x; ids None means the whole vocabulary, in order."""
+    p = params
+    ids = None
+    if 0 < p.top_k < x.shape[0]:
+        ids = _top_set(x, p.top_k)
+        x = x[ids]
+    probs = np.exp(x - x.max())
+    if p.top_p < 1.0:
+        sel = _nucleus(probs, p.top_p)
+        ids, probs = (sel if ids is None else ids[sel]), probs[sel]
+    if p.min_p > 0.0:
+        # After the steps above the largest prob is still exp(0) = 1.
+        sel = np.flatnonzero(probs >= p.min_p)
+        ids, probs = (sel if ids is None else ids[sel]), probs[sel]
+    return ids, probs
 
 
 def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
