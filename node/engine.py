@@ -322,7 +322,33 @@ class Engine:
                 llm.close()
 
 
-class Generation:
+class StepIterator:
+    """The iterator and context-manager shell of a generation: subclasses set `_gen` (a
+    generator of Steps) and the attributes below, and fill them in as it runs."""
+
+    prompt_tokens: int
+    seed: int | None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    _gen: Iterator[Step]
+
+    def __iter__(self) -> Iterator[Step]:
+        return self
+
+    def __next__(self) -> Step:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Generation(StepIterator):
     """Iterator[Step] for one request. Holds the engine lock from the first next() until it
     finishes, is closed, or is garbage-collected; iterate it to the end or close() it.
     `seed` is known before iterating (report it so a verifier can replay the draws);
@@ -337,24 +363,7 @@ class Generation:
         self.prompt_tokens = len(prompt)
         self.sampler = TokenSampler(params)
         self.seed = self.sampler.seed
-        self.finish_reason: str | None = None
-        self.completion_tokens = 0
         self._gen = self._run(engine, prompt, params, continuation, logprobs, top_logprobs, cancel)
-
-    def __iter__(self) -> Iterator[Step]:
-        return self
-
-    def __next__(self) -> Step:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
-
-    def __enter__(self) -> "Generation":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _run(self, eng: Engine, prompt, params, continuation, logprobs, top_k, cancel) -> Iterator[Step]:
         cancelled = cancel.is_set if cancel is not None else (lambda: False)

@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .engine import FALLBACK_CHAT_STOP, BadRequest, RequestTooLong, Step
+from .engine import FALLBACK_CHAT_STOP, BadRequest, RequestTooLong, Step, StepIterator
 from .model_file import ModelInfo
 from .textstream import TextStream
 
@@ -156,7 +156,7 @@ class SyntheticEngine:
             self._closed = True
 
 
-class SyntheticGeneration:
+class SyntheticGeneration(StepIterator):
     """Iterator[Step] with Generation's attributes: prompt_tokens, seed, finish_reason,
     completion_tokens. A context manager; close() ends it early."""
 
@@ -164,24 +164,7 @@ class SyntheticGeneration:
                  logprobs: bool, top_logprobs: int, seed: int | None, cancel: threading.Event | None):
         self.prompt_tokens = n_prompt
         self.seed = seed
-        self.finish_reason: str | None = None
-        self.completion_tokens = 0
         self._gen = self._run(engine, key, n_prompt, params, continuation, logprobs, top_logprobs, cancel)
-
-    def __iter__(self) -> Iterator[Step]:
-        return self
-
-    def __next__(self) -> Step:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
-
-    def __enter__(self) -> "SyntheticGeneration":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _run(self, eng: SyntheticEngine, key, n_prompt, params, continuation, logprobs, top_k, cancel) -> Iterator[Step]:
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
