@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 from pathlib import Path
 
 import trio
 
+from mesh_cli import ready_file
 from mesh_cli.heap import freeze_startup_heap
 from protocol.identity import Identity
 from protocol.p2p import open_mesh_host
@@ -30,7 +29,7 @@ log = logging.getLogger("mesh.entry")
 class EntryDaemon:
     def __init__(self, cfg: EntryConfig):
         self.cfg = cfg
-        self.ready_path = cfg.state_path() / "ready.json"
+        self.ready_path = ready_file.path_in(cfg.state_path())
 
     async def run(self) -> int:
         cfg = self.cfg
@@ -80,13 +79,7 @@ class EntryDaemon:
                 return
 
     def _write_ready(self, url: str, peer_id: str, addrs: list[str]) -> None:
-        self.ready_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.ready_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"url": url, "peer_id": peer_id, "p2p_addrs": list(addrs), "pid": os.getpid()}))
-        tmp.replace(self.ready_path)
+        ready_file.write(self.ready_path, {"url": url, "peer_id": peer_id, "p2p_addrs": list(addrs)})
 
     def _clear_ready(self) -> None:
-        try:
-            self.ready_path.unlink()
-        except FileNotFoundError:
-            pass
+        ready_file.clear(self.ready_path)

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mesh_cli import ready_file
 from mesh_cli.settings import mesh_home
 
 
@@ -36,18 +37,7 @@ class Child:
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait_ready(self, limit: float) -> dict:
-        ready = self.state / "ready.json"
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if ready.exists():
-                try:
-                    return json.loads(ready.read_text())
-                except ValueError:
-                    pass  # being written
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode}; last log lines:\n{self.tail()}")
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} was not ready within {limit:.0f} s; last log lines:\n{self.tail()}")
+        return ready_file.wait(ready_file.path_in(self.state), self.proc, limit, name=self.name, log_tail=self.tail, poll=0.1)
 
     def tail(self, n: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])

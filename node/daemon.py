@@ -8,7 +8,6 @@ A second signal exits at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from mesh_cli import ready_file
 from mesh_cli.heap import freeze_startup_heap
 from protocol import INFER_PROTOCOL_ID
 from protocol.identity import Identity
@@ -229,17 +229,11 @@ class NodeDaemon:
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def _ready_path(self) -> Path:
-        return self.cfg.state_path() / "ready.json"
+        return ready_file.path_in(self.cfg.state_path())
 
     def _write_ready(self, host) -> None:
-        path = self._ready_path()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"peer_id": self.identity.peer_id, "addrs": list(host.listen_addrs),
-                                   "pid": os.getpid(), "model_sha256": self.info.sha256}))
-        tmp.replace(path)  # atomic: readers never see half a file
+        ready_file.write(self._ready_path(), {"peer_id": self.identity.peer_id, "addrs": list(host.listen_addrs),
+                                              "model_sha256": self.info.sha256})
 
     def _clear_ready(self) -> None:
-        try:
-            self._ready_path().unlink()
-        except FileNotFoundError:
-            pass
+        ready_file.clear(self._ready_path())

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_node import PROMPT, bench_llama_cpp, summarize  # noqa: E402
+from mesh_cli import ready_file  # noqa: E402
 
 
 class Proc:
@@ -41,18 +42,11 @@ class Proc:
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "MESH_HOME": str(tmp)})
 
     def ready(self, limit: float = 120) -> dict:
-        path = self.state / "ready.json"
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if path.exists():
-                try:
-                    return json.loads(path.read_text())
-                except ValueError:
-                    pass
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{self.state.name} exited; see {self.log.name}")
-            time.sleep(0.05)
-        raise SystemExit(f"{self.state.name} not ready in {limit} s")
+        try:
+            return ready_file.wait(ready_file.path_in(self.state), self.proc, limit, name=self.state.name,
+                                   log_tail=lambda: f"(see {self.log.name})")
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
 
     def active(self) -> bool:
         out = subprocess.run([sys.executable, "-m", "mesh_cli", "node", "status", "--json", "--state-dir", str(self.state)],

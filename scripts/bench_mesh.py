@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from mesh_cli import ready_file  # noqa: E402
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PY = sys.executable
 
@@ -132,19 +134,9 @@ class Proc:
         self.info: dict = {}
 
     def ready(self, limit: float = 120.0) -> dict:
-        path = self.state / "ready.json"
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if path.exists():
-                try:
-                    self.info = json.loads(path.read_text())
-                    return self.info
-                except ValueError:
-                    pass  # being replaced
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.name} not ready within {limit} s:\n{self.log_tail()}")
+        self.info = ready_file.wait(ready_file.path_in(self.state), self.proc, limit, name=self.name,
+                                    log_tail=self.log_tail, poll=0.02)
+        return self.info
 
     def log_tail(self, n: int = 3000) -> str:
         try:

@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mesh_cli import ready_file  # noqa: E402
+
 PROMPT = "Count slowly and carefully: 1, 2, 3, 4, 5, 6, 7, 8,"
 
 
@@ -97,13 +99,11 @@ async def bench_node(model: str, sha: str, threads: int, n_tokens: int, runs: in
                                  "--skip-benchmark", "--state-dir", str(state), "--log-level", "warning"],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "MESH_HOME": tmp})
         try:
-            ready = state / "ready.json"
-            with trio.fail_after(120):
-                while not ready.exists():
-                    if proc.poll() is not None:
-                        raise SystemExit(f"node exited: {(Path(tmp) / 'node.log').read_text()[-2000:]}")
-                    await trio.sleep(0.05)
-            info = json.loads(ready.read_text())
+            try:
+                info = await ready_file.wait_async(ready_file.path_in(state), proc, 120, name="node",
+                                                   log_tail=lambda: (Path(tmp) / "node.log").read_text()[-2000:])
+            except RuntimeError as e:
+                raise SystemExit(str(e)) from None
             samples = []
             async with open_mesh_host(Identity.generate(), dht_server=False) as host:
                 await host.connect(info["peer_id"], info["addrs"])

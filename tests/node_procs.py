@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import trio
+
+from mesh_cli import ready_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,61 +53,51 @@ def mesh_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mesh_cli", *args]
 
 
-def spawn_node(tmp: Path, name: str, *args: str) -> NodeProc:
+def spawn(tmp: Path, name: str, command: Callable[[Path], list[str]]) -> NodeProc:
+    """Run `command(state_dir)` with its own state directory and log file under tmp."""
     state = tmp / name
     state.mkdir(parents=True, exist_ok=True)
     log_path = tmp / f"{name}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_HOME": str(tmp / "mesh-home")}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(mesh_cmd("node", "start", "--state-dir", str(state), *args),
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, env=env)
+        proc = subprocess.Popen(command(state), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=REPO, env=env)
     return NodeProc(proc, state, log_path)
 
 
-async def start_node(tmp: Path, name: str, *args: str, limit: float = 120.0) -> NodeProc:
-    """Start a node and wait (bounded) until it has written its ready file."""
-    node = spawn_node(tmp, name, *args)
-    ready = node.state_dir / "ready.json"
+def spawn_node(tmp: Path, name: str, *args: str) -> NodeProc:
+    return spawn(tmp, name, lambda state: mesh_cmd("node", "start", "--state-dir", str(state), *args))
+
+
+def _wait_args(node: NodeProc) -> dict:
+    return {"name": node.state_dir.name, "log_tail": lambda: node.log()[-3000:]}
+
+
+async def wait_ready(node: NodeProc, limit: float = 120.0) -> NodeProc:
+    """Wait (bounded) until a started node has written its ready file; stop it if it fails."""
     try:
-        with trio.fail_after(limit):
-            while not ready.exists():
-                if node.proc.poll() is not None:
-                    raise RuntimeError(f"node {name} exited with {node.proc.returncode}:\n{node.log()[-3000:]}")
-                await trio.sleep(0.05)
+        info = await ready_file.wait_async(ready_file.path_in(node.state_dir), node.proc, limit, **_wait_args(node))
     except BaseException:
         node.stop()
         raise
-    info = json.loads(ready.read_text())
     node.peer_id, node.addrs = info["peer_id"], info["addrs"]
     return node
 
 
-def wait_ready_sync(node: NodeProc, limit: float = 120.0) -> dict:
-    """Blocking twin of start_node's wait, for fixtures outside trio."""
-    import time
+async def start_node(tmp: Path, name: str, *args: str, limit: float = 120.0) -> NodeProc:
+    """Start a node and wait (bounded) until it has written its ready file."""
+    return await wait_ready(spawn_node(tmp, name, *args), limit)
 
-    ready = node.state_dir / "ready.json"
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if ready.exists():
-            try:
-                return json.loads(ready.read_text())
-            except ValueError:
-                pass  # mid-replace
-        if node.proc.poll() is not None:
-            raise RuntimeError(f"{node.state_dir.name} exited with {node.proc.returncode}:\n{node.log()[-3000:]}")
-        time.sleep(0.05)
-    node.stop()
-    raise RuntimeError(f"{node.state_dir.name} not ready within {limit} s:\n{node.log()[-3000:]}")
+
+def wait_ready_sync(node: NodeProc, limit: float = 120.0) -> dict:
+    """Blocking twin of wait_ready, for fixtures outside trio."""
+    try:
+        return ready_file.wait(ready_file.path_in(node.state_dir), node.proc, limit, **_wait_args(node))
+    except RuntimeError:
+        node.stop()
+        raise
 
 
 def spawn_entry(tmp: Path, name: str, *args: str) -> NodeProc:
     """An entry daemon (`mesh entry start`), HTTP on a free port; its ready file holds the URL."""
-    state = tmp / name
-    state.mkdir(parents=True, exist_ok=True)
-    log_path = tmp / f"{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_HOME": str(tmp / "mesh-home")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(mesh_cmd("entry", "start", "--http-port", "0", "--state-dir", str(state), *args),
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, env=env)
-    return NodeProc(proc, state, log_path)
+    return spawn(tmp, name, lambda state: mesh_cmd("entry", "start", "--http-port", "0", "--state-dir", str(state), *args))

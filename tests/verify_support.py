@@ -3,9 +3,6 @@ and cheating node processes (tests/cheating_node.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,37 +16,15 @@ from protocol.identity import Identity
 from protocol.p2p import open_mesh_host
 
 from tests.entry_mesh_support import FAST, VIEW_OPTIONS, stop_nodes
-from tests.node_procs import REPO, NodeProc, start_node
+from tests.node_procs import NodeProc, spawn, start_node, wait_ready
 
 CHEATER = Path(__file__).with_name("cheating_node.py")
 
 
 def spawn_cheater(tmp: Path, name: str, cheat: str, *args: str, claim: Path | None = None) -> NodeProc:
-    state = tmp / name
-    state.mkdir(parents=True, exist_ok=True)
-    log_path = tmp / f"{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_HOME": str(tmp / "mesh-home")}
-    cmd = [sys.executable, str(CHEATER), "--cheat", cheat, *(["--claim-model", str(claim)] if claim else []), "--",
-           "node", "start", "--state-dir", str(state), *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, env=env)
-    return NodeProc(proc, state, log_path)
-
-
-async def wait_ready(node: NodeProc, limit: float = 120.0) -> NodeProc:
-    ready = node.state_dir / "ready.json"
-    try:
-        with trio.fail_after(limit):
-            while not ready.exists():
-                if node.proc.poll() is not None:
-                    raise RuntimeError(f"{node.state_dir.name} exited with {node.proc.returncode}:\n{node.log()[-3000:]}")
-                await trio.sleep(0.05)
-    except BaseException:
-        node.stop()
-        raise
-    info = json.loads(ready.read_text())
-    node.peer_id, node.addrs = info["peer_id"], info["addrs"]
-    return node
+    claim_args = ["--claim-model", str(claim)] if claim else []
+    return spawn(tmp, name, lambda state: [sys.executable, str(CHEATER), "--cheat", cheat, *claim_args, "--",
+                                           "node", "start", "--state-dir", str(state), *args])
 
 
 class Entry:
