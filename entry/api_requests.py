@@ -239,6 +239,11 @@ def _messages(body: dict) -> list[ChatMessage]:
     return out
 
 
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    """A copy for one choice of the request, with that choice's seed."""
+    return SamplingParams(**{**params.to_wire(), "seed": seed, "stop": list(params.stop)})
+
+
 def parse_chat(body: dict) -> GenerationPlan:
     model = _model(body)
     messages = _messages(body)
@@ -252,8 +257,7 @@ def parse_chat(body: dict) -> GenerationPlan:
     n = _n(body)
     specs = []
     for seed in _choice_seeds(params, n):
-        p = SamplingParams(**{**params.to_wire(), "seed": seed, "stop": list(params.stop)})
-        specs.append(GenerationSpec(model=model, kind="chat", params=p, messages=list(messages),
+        specs.append(GenerationSpec(model=model, kind="chat", params=_with_seed(params, seed), messages=list(messages),
                                     logprobs=logprobs, top_logprobs=top or 0))
     return GenerationPlan("chat", model, stream, include_usage, specs, [0] * n, logprobs, top or 0)
 
@@ -290,8 +294,7 @@ def parse_completion(body: dict) -> GenerationPlan:
     seeds = _choice_seeds(params, n)
     for pi, prompt in enumerate(prompts):
         for seed in seeds:
-            p = SamplingParams(**{**params.to_wire(), "seed": seed, "stop": list(params.stop)})
-            specs.append(GenerationSpec(model=model, kind="completion", params=p, prompt=prompt,
+            specs.append(GenerationSpec(model=model, kind="completion", params=_with_seed(params, seed), prompt=prompt,
                                         logprobs=lp is not None, top_logprobs=lp or 0))
             prompt_of.append(pi)
     return GenerationPlan("completion", model, stream, include_usage, specs, prompt_of, lp is not None, lp or 0)
