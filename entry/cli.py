@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from mesh_cli.logs import add_logging_args, setup_logging
+from mesh_cli.logs import add_logging_args
 
 from .config import load_entry_config
 from .credits_cli import add_credits_parser
@@ -53,22 +52,11 @@ def add_parser(sub) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    import trio
-
-    from mesh_cli.main import CliError
+    from mesh_cli.daemon_start import run_daemon
+    from node.model_file import ModelFileError
     from protocol.errors import IdentityError
 
     from .daemon import EntryDaemon
 
-    try:
-        cfg = load_entry_config(args.config, {k: getattr(args, k) for k in _START_KEYS})
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    setup_logging(cfg.log_format, cfg.log_level)
-    from node.model_file import ModelFileError
-
-    try:
-        return trio.run(EntryDaemon(cfg).run)
-    except (IdentityError, OSError, ModelFileError) as e:
-        logging.getLogger("mesh.entry").debug("start failed", exc_info=True)
-        raise CliError(str(e)) from None
+    return run_daemon(lambda: load_entry_config(args.config, {k: getattr(args, k) for k in _START_KEYS}), EntryDaemon,
+                      (IdentityError, OSError, ModelFileError), "mesh.entry")

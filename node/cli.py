@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from mesh_cli.logs import add_logging_args, setup_logging
+from mesh_cli.logs import add_logging_args
 
 from .config import load_config
 from .credits_cli import add_credits_parser
@@ -60,25 +59,15 @@ _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    import trio
-
-    from mesh_cli.main import CliError
+    from mesh_cli.daemon_start import run_daemon
     from protocol.errors import IdentityError
 
     from .control import ControlError
     from .daemon import NodeDaemon
     from .model_file import ModelFileError
 
-    try:
-        cfg = load_config(args.config, {k: getattr(args, k) for k in _START_KEYS})
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    setup_logging(cfg.log_format, cfg.log_level)
-    try:
-        return trio.run(NodeDaemon(cfg).run)
-    except (ModelFileError, ControlError, IdentityError, OSError) as e:
-        logging.getLogger("mesh.node").debug("start failed", exc_info=True)
-        raise CliError(str(e)) from None
+    return run_daemon(lambda: load_config(args.config, {k: getattr(args, k) for k in _START_KEYS}), NodeDaemon,
+                      (ModelFileError, ControlError, IdentityError, OSError), "mesh.node")
 
 
 def _control(args, request: dict) -> dict:
