@@ -79,27 +79,30 @@ def wait_nodes(url: str, n: int, limit: float = 60) -> str:
     raise SystemExit(f"entry did not see {n} nodes in {limit} s")
 
 
-def stream(url: str, model: str, n_tokens: int, on_token=None) -> tuple[float, float, int, list[float]]:
+def stream(url: str, model: str, n_tokens: int, on_token=None, *, prompt: str = PROMPT,
+           timeout: float = 120) -> tuple[float, float, int, list[float], dict]:
     """(ttft, time after first, tokens, arrival times) of one streamed completion."""
     import httpx
 
-    body = {"model": model, "prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0, "stream": True,
+    body = {"model": model, "prompt": prompt, "max_tokens": n_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+    last: dict = {}  # the usage event (with the mesh's own fields)
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             ev = json.loads(line[6:])
             if ev.get("usage"):
                 tokens = ev["usage"]["completion_tokens"]
+                last = ev
             if ev.get("choices") and ev["choices"][0].get("text"):
                 arrivals.append(time.perf_counter())
                 if on_token is not None:
                     on_token(len(arrivals))
-    return arrivals[0] - t0, arrivals[-1] - arrivals[0], tokens, arrivals
+    return arrivals[0] - t0, arrivals[-1] - arrivals[0], tokens, arrivals, last
 
 
 def bench_entry_path(tmp: Path, model_path: str, threads: int, n_tokens: int, runs: int) -> dict:
@@ -115,7 +118,7 @@ def bench_entry_path(tmp: Path, model_path: str, threads: int, n_tokens: int, ru
         model = wait_nodes(info["url"], 1)
         samples = []
         for _ in range(runs + 1):
-            ttft, after, tokens, _ = stream(info["url"], model, n_tokens)
+            ttft, after, tokens, _, _ = stream(info["url"], model, n_tokens)
             samples.append((ttft, after, tokens))
         return summarize(samples[1:])
     finally:
@@ -150,7 +153,7 @@ def bench_failover(tmp: Path, model_path: str, n_tokens: int, kills: int) -> dic
                             killed_at["n"] = count
                             return
 
-            _, _, tokens, arrivals = stream(info["url"], model, n_tokens, on_token=kill_serving)
+            _, _, tokens, arrivals, _ = stream(info["url"], model, n_tokens, on_token=kill_serving)
             if "t" in killed_at:
                 after = [a for a in arrivals if a > killed_at["t"]]
                 # Tokens already in flight when the kill landed arrive first: the gap is the

@@ -529,29 +529,20 @@ def section_routing(args) -> dict:
 def _stream_and_kill(url: str, model: str, max_tokens: int, kill_after: int, find_serving) -> dict:
     """Stream one completion; after `kill_after` text events SIGKILL the serving node.
     Returns the longest pause after the kill, and the stream's own health."""
-    import httpx
+    from bench_entry import stream
 
-    body = {"model": model, "prompt": f"failover {time.time()}", "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    arrivals: list[float] = []
     killed_at = None
-    tokens = 0
-    failovers = None
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
-            if ev.get("usage"):
-                tokens = ev["usage"]["completion_tokens"]
-                failovers = ev.get("mesh", {}).get("failovers")
-            if ev.get("choices") and ev["choices"][0].get("text"):
-                arrivals.append(time.perf_counter())
-                if len(arrivals) == kill_after and killed_at is None:
-                    node = find_serving()
-                    if node is not None:
-                        node.kill()
-                        killed_at = time.perf_counter()
+
+    def on_token(n: int) -> None:
+        nonlocal killed_at
+        if n == kill_after and killed_at is None:
+            node = find_serving()
+            if node is not None:
+                node.kill()
+                killed_at = time.perf_counter()
+
+    _, _, tokens, arrivals, usage = stream(url, model, max_tokens, on_token, prompt=f"failover {time.time()}", timeout=60)
+    failovers = usage.get("mesh", {}).get("failovers") if usage else None
     gap = None
     if killed_at is not None:
         seq = [killed_at] + [a for a in arrivals if a > killed_at]
