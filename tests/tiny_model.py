@@ -60,7 +60,12 @@ def vocab() -> tuple[list[str], list[str], list[int], int, int]:
     return tokens, merges, [int(t) for t in types], bos, bos + 1
 
 
-def write_tiny_llama(path: str | Path, *, seed: int = 0, chat_template: bool = True) -> Path:
+def write_tiny_llama(path: str | Path, *, seed: int = 0, chat_template: bool = True, name: str = "tiny-random-llama",
+                     n_embd: int = N_EMBD, n_layer: int = N_LAYER, n_ff: int = N_FF, n_head: int = N_HEAD,
+                     ctx: int = CTX_TRAIN, endless: bool = False) -> Path:
+    """endless: the output rows of every control token (BOS, EOS, chat markers) are zero, so
+    their logits stay exactly 0 while the byte tokens' spread widely: decoding never picks
+    an end token and runs to max_tokens (see tests/entry_mesh_model.py)."""
     path = Path(path)
     tokens, merges, types, bos, eos = vocab()
     n_vocab = len(tokens)
@@ -70,15 +75,15 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, chat_template: bool = T
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-random-llama")
-    writer.add_context_length(CTX_TRAIN)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
-    writer.add_feed_forward_length(N_FF)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD)
+    writer.add_name(name)
+    writer.add_context_length(ctx)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -92,22 +97,24 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, chat_template: bool = T
         writer.add_chat_template(CHAT_TEMPLATE)
 
     # numpy shapes are (rows, cols) = reversed ggml ne: a weight mapping n_in -> n_out is (n_out, n_in).
-    writer.add_tensor("token_embd.weight", w(n_vocab, N_EMBD, scale=1.0))
-    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    writer.add_tensor("output.weight", w(n_vocab, N_EMBD, scale=1.0))
-    for i in range(N_LAYER):
+    writer.add_tensor("token_embd.weight", w(n_vocab, n_embd, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    output = w(n_vocab, n_embd, scale=1.0)
+    if endless:
+        output[bos:] = 0.0
+    writer.add_tensor("output.weight", output)
+    for i in range(n_layer):
         p = f"blk.{i}."
-        writer.add_tensor(p + "attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(p + name + ".weight", w(N_EMBD, N_EMBD))
-        writer.add_tensor(p + "ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(p + "ffn_gate.weight", w(N_FF, N_EMBD))
-        writer.add_tensor(p + "ffn_up.weight", w(N_FF, N_EMBD))
-        writer.add_tensor(p + "ffn_down.weight", w(N_EMBD, N_FF))
+        writer.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        for name_ in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(p + name_ + ".weight", w(n_embd, n_embd))
+        writer.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(p + "ffn_gate.weight", w(n_ff, n_embd))
+        writer.add_tensor(p + "ffn_up.weight", w(n_ff, n_embd))
+        writer.add_tensor(p + "ffn_down.weight", w(n_embd, n_ff))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
-
