@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -19,6 +20,17 @@ MODEL = "aa" * 32
 OTHER_MODEL = "bb" * 32
 
 
+@asynccontextmanager
+async def node_and_entry(ident: Identity):
+    """A bootstrap peer, a DHT server with `ident` (the node) and a client-only host (the entry)."""
+    async with open_mesh_host(Identity.generate()) as boot:
+        async with (
+            open_mesh_host(ident, bootstrap=boot.listen_addrs) as node,
+            open_mesh_host(Identity.generate(), bootstrap=boot.listen_addrs, dht_server=False) as entry,
+        ):
+            yield node, entry
+
+
 def make_advert(identity: Identity, host, *, model: str = MODEL, ttl: float = 15.0, seq: int | None = None) -> CapacityAdvert:
     now = time.time()
     return CapacityAdvert(
@@ -30,34 +42,26 @@ def make_advert(identity: Identity, host, *, model: str = MODEL, ttl: float = 15
 
 async def test_publish_then_discover_and_addresses_learned():
     ident = Identity.generate()
-    async with open_mesh_host(Identity.generate()) as boot:
-        async with (
-            open_mesh_host(ident, bootstrap=boot.listen_addrs) as node,
-            open_mesh_host(Identity.generate(), bootstrap=boot.listen_addrs, dht_server=False) as entry,
-        ):
-            with trio.fail_after(20):
-                assert await publish_advert(node, ident, make_advert(ident, node)) >= 1
-                found = await discover_model(entry, MODEL, timeout=5)
-            assert [a.node for a in found] == [ident.peer_id]
-            assert found[0].free_slots == 1 and found[0].addrs == node.listen_addrs
-            assert entry.known_addrs(ident.peer_id)  # ready to dial
-            with trio.fail_after(10):
-                assert await discover_model(entry, OTHER_MODEL, timeout=3) == []
+    async with node_and_entry(ident) as (node, entry):
+        with trio.fail_after(20):
+            assert await publish_advert(node, ident, make_advert(ident, node)) >= 1
+            found = await discover_model(entry, MODEL, timeout=5)
+        assert [a.node for a in found] == [ident.peer_id]
+        assert found[0].free_slots == 1 and found[0].addrs == node.listen_addrs
+        assert entry.known_addrs(ident.peer_id)  # ready to dial
+        with trio.fail_after(10):
+            assert await discover_model(entry, OTHER_MODEL, timeout=3) == []
 
 
 async def test_advert_for_another_model_is_not_returned():
     ident = Identity.generate()
-    async with open_mesh_host(Identity.generate()) as boot:
-        async with (
-            open_mesh_host(ident, bootstrap=boot.listen_addrs) as node,
-            open_mesh_host(Identity.generate(), bootstrap=boot.listen_addrs, dht_server=False) as entry,
-        ):
-            with trio.fail_after(20):
-                # Claims MODEL in the provider records but signs an advert for OTHER_MODEL.
-                await node.put_value(advert_key(ident.peer_id), make_advert(ident, node, model=OTHER_MODEL).sign(ident))
-                assert await node.provide(model_key(MODEL))
-                assert [p.peer_id for p in await entry.find_providers(model_key(MODEL), timeout=5)] == [ident.peer_id]
-                assert await discover_model(entry, MODEL, timeout=5) == []
+    async with node_and_entry(ident) as (node, entry):
+        with trio.fail_after(20):
+            # Claims MODEL in the provider records but signs an advert for OTHER_MODEL.
+            await node.put_value(advert_key(ident.peer_id), make_advert(ident, node, model=OTHER_MODEL).sign(ident))
+            assert await node.provide(model_key(MODEL))
+            assert [p.peer_id for p in await entry.find_providers(model_key(MODEL), timeout=5)] == [ident.peer_id]
+            assert await discover_model(entry, MODEL, timeout=5) == []
 
 
 async def test_forged_advert_refused_by_us_and_by_storers():
@@ -77,16 +81,12 @@ async def test_forged_advert_refused_by_us_and_by_storers():
 
 async def test_expired_advert_is_dropped():
     ident = Identity.generate()
-    async with open_mesh_host(Identity.generate()) as boot:
-        async with (
-            open_mesh_host(ident, bootstrap=boot.listen_addrs) as node,
-            open_mesh_host(Identity.generate(), bootstrap=boot.listen_addrs, dht_server=False) as entry,
-        ):
-            with trio.fail_after(20):
-                await publish_advert(node, ident, make_advert(ident, node, ttl=15))
-                assert len(await discover_model(entry, MODEL, timeout=5)) == 1
-                # As seen from 16 s later: the advert has expired.
-                assert await discover_model(entry, MODEL, now=time.time() + 16, timeout=5) == []
+    async with node_and_entry(ident) as (node, entry):
+        with trio.fail_after(20):
+            await publish_advert(node, ident, make_advert(ident, node, ttl=15))
+            assert len(await discover_model(entry, MODEL, timeout=5)) == 1
+            # As seen from 16 s later: the advert has expired.
+            assert await discover_model(entry, MODEL, now=time.time() + 16, timeout=5) == []
 
 
 async def test_node_that_stops_refreshing_drops_out():
@@ -130,38 +130,30 @@ async def test_discover_all_lists_every_model_and_only_directory_providers():
 
 async def test_discover_all_with_a_book_keeps_the_newer_advert_over_a_replayed_one():
     a = Identity.generate()
-    async with open_mesh_host(Identity.generate()) as boot:
-        async with (
-            open_mesh_host(a, bootstrap=boot.listen_addrs) as node,
-            open_mesh_host(Identity.generate(), bootstrap=boot.listen_addrs, dht_server=False) as entry,
-        ):
-            book = AdvertBook()
-            newer = make_advert(a, node, seq=200)
-            book.accept(newer.sign(a))  # seen in an earlier round
-            with trio.fail_after(30):
-                # The network only holds an older (lower seq) advert: a replay, or a lagging storer.
-                await publish_advert(node, a, make_advert(a, node, seq=100, ttl=60))
-                assert await node.find_providers(directory_key(), timeout=5)
-                found = await discover_all(entry, timeout=5, book=book)
-                assert [x.seq for x in found] == [200]
-                # Once the newer one has expired, the older (still unexpired) one is refused
-                # as a replay rather than resurrected.
-                assert await discover_all(entry, now=newer.expires_at + 1, timeout=5, book=book) == []
+    async with node_and_entry(a) as (node, entry):
+        book = AdvertBook()
+        newer = make_advert(a, node, seq=200)
+        book.accept(newer.sign(a))  # seen in an earlier round
+        with trio.fail_after(30):
+            # The network only holds an older (lower seq) advert: a replay, or a lagging storer.
+            await publish_advert(node, a, make_advert(a, node, seq=100, ttl=60))
+            assert await node.find_providers(directory_key(), timeout=5)
+            found = await discover_all(entry, timeout=5, book=book)
+            assert [x.seq for x in found] == [200]
+            # Once the newer one has expired, the older (still unexpired) one is refused
+            # as a replay rather than resurrected.
+            assert await discover_all(entry, now=newer.expires_at + 1, timeout=5, book=book) == []
 
 
 async def test_discover_all_reuses_fresh_adverts_from_the_book_without_a_lookup():
     a = Identity.generate()
-    async with open_mesh_host(Identity.generate()) as boot:
-        async with (
-            open_mesh_host(a, bootstrap=boot.listen_addrs) as node,
-            open_mesh_host(Identity.generate(), bootstrap=boot.listen_addrs, dht_server=False) as entry,
-        ):
-            book = AdvertBook()
-            with trio.fail_after(30):
-                await publish_advert(node, a, make_advert(a, node, seq=100, ttl=15))
-                assert [x.seq for x in await discover_all(entry, timeout=5, book=book)] == [100]
-                await publish_advert(node, a, make_advert(a, node, seq=101, ttl=15))
-                # Still valid 5 s from now: the book's copy is used, the network is not asked.
-                assert [x.seq for x in await discover_all(entry, timeout=5, book=book, reuse_for=5)] == [100]
-                # Not valid 20 s from now: fetched again, and the newer advert is found.
-                assert [x.seq for x in await discover_all(entry, timeout=5, book=book, reuse_for=20)] == [101]
+    async with node_and_entry(a) as (node, entry):
+        book = AdvertBook()
+        with trio.fail_after(30):
+            await publish_advert(node, a, make_advert(a, node, seq=100, ttl=15))
+            assert [x.seq for x in await discover_all(entry, timeout=5, book=book)] == [100]
+            await publish_advert(node, a, make_advert(a, node, seq=101, ttl=15))
+            # Still valid 5 s from now: the book's copy is used, the network is not asked.
+            assert [x.seq for x in await discover_all(entry, timeout=5, book=book, reuse_for=5)] == [100]
+            # Not valid 20 s from now: fetched again, and the newer advert is found.
+            assert [x.seq for x in await discover_all(entry, timeout=5, book=book, reuse_for=20)] == [101]
