@@ -323,16 +323,12 @@ def _buffered_tcp_read(original):
             return b""
         lock = self.__dict__.get("_mesh_read_lock")
         if lock is None:
-            lock = self._mesh_read_lock = trio.Lock()
-        buf = self.__dict__.get("_mesh_rbuf")
-        if buf and not lock.locked():
-            # Served from what an earlier read received, without yielding to the scheduler:
-            # a Noise message is two such reads and a Yamux frame two more, and on a busy
-            # loop every yield queues the reader behind all other runnable tasks (the
-            # lock's two checkpoints per read were a large share of an event's latency).
-            return take(self, buf, n)
-        # Held across the buffer and the socket: a second reader must queue behind the
-        # first, or bytes it received could overtake bytes the first left in the buffer.
+            # Held across the buffer and the socket: a second reader must queue behind the
+            # first, or bytes it received could overtake bytes the first left in the buffer.
+            # Uncontended it does not yield, so a read served from the buffer costs no trip
+            # through the scheduler: a Noise message is two such reads and a Yamux frame two
+            # more, and on a busy loop every yield queues the reader behind all other tasks.
+            lock = self._mesh_read_lock = NoYieldLock()
         async with lock:
             buf = self.__dict__.get("_mesh_rbuf")
             if buf:
