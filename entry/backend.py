@@ -1,8 +1,8 @@
 """The seam between the entry's HTTP API and the mesh.
 
-The API layer (entry/api.py) turns an OpenAI request into a GenerationSpec that holds only
+The API layer (entry/api/app.py) turns an OpenAI request into a GenerationSpec that holds only
 what generation needs — never the caller's IP, API key, `user` field or headers — and asks a
-Backend for events. The mesh backend (entry/mesh_backend.py) routes the spec to nodes, fails
+Backend for events. The mesh backend (entry/mesh/relay.py) routes the spec to nodes, fails
 over mid-stream, and yields one uninterrupted, duplicate-free sequence of TokenEvents followed
 by one DoneEvent. Closing the event iterator early (client went away) cancels the work on the
 node.
@@ -10,8 +10,9 @@ node.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from protocol.messages import ChatMessage, SamplingParams
 

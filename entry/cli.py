@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from mesh_cli.logs import add_logging_args
-
-from .config import load_entry_config
-from .credits_cli import add_credits_parser
-from .keys_cli import add_keys_parser
+from entry.api.keys_cli import add_keys_parser
+from entry.config import load_entry_config
+from entry.credits.cli import add_credits_parser
+from runtime.logs import add_logging_args
 
 _START_KEYS = ("http_host", "http_port", "listen_host", "p2p_port", "bootstrap", "identity", "state_dir", "keys_db",
                "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "log_format", "log_level",
@@ -52,11 +51,10 @@ def add_parser(sub) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from mesh_cli.daemon_start import run_daemon
-    from node.model_file import ModelFileError
+    from engine.model_file import ModelFileError
+    from entry.daemon import EntryDaemon
     from protocol.errors import IdentityError
-
-    from .daemon import EntryDaemon
+    from runtime.daemon_start import run_daemon
 
     return run_daemon(lambda: load_entry_config(args.config, {k: getattr(args, k) for k in _START_KEYS}), EntryDaemon,
                       (IdentityError, OSError, ModelFileError), "mesh.entry")

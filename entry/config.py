@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh_cli.settings import load_settings, mesh_home
+from runtime.settings import load_settings, mesh_home
 
 
 @dataclass
@@ -26,7 +26,7 @@ class EntryConfig:
     token_timeout: float = 10.0
     log_format: str = "text"
     log_level: str = "info"
-    # Verification and credits (entry/verifier.py, entry/ledger.py)
+    # Verification and credits (entry/verify/verifier.py, entry/credits/ledger.py)
     ledger: str | None = None  # credits database; default STATE_DIR/credits.db
     verify_model: list[str] = field(default_factory=list)  # GGUF files to re-score nodes' outputs with
     verify_rate: float = 0.15  # fraction of an established node's requests re-scored
@@ -42,7 +42,7 @@ class EntryConfig:
         return Path(self.ledger) if self.ledger else self.state_path() / "credits.db"
 
     def keys_path(self) -> Path:
-        from .apikeys import default_keys_path
+        from entry.api.apikeys import default_keys_path
 
         return Path(self.keys_db) if self.keys_db else default_keys_path()
 

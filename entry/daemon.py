@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import logging
 import signal
-from pathlib import Path
 
 import trio
 
-from mesh_cli import ready_file
-from mesh_cli.heap import freeze_startup_heap
+from entry.api.apikeys import ApiKeyStore
+from entry.api.app import create_app, serve_api
+from entry.api.metrics import Metrics
+from entry.api.ratelimit import RateLimits
+from entry.config import EntryConfig
+from entry.credits.ledger import Ledger
+from entry.mesh.relay import MeshBackendConfig, open_mesh_backend
+from entry.verify.canary import CanaryConfig, CanaryProber
+from entry.verify.verifier import Verifier, VerifierConfig
 from protocol.identity import Identity
-from protocol.p2p import open_mesh_host
-
-from .api import create_app, serve_api
-from .apikeys import ApiKeyStore
-from .canary import CanaryConfig, CanaryProber
-from .config import EntryConfig
-from .ledger import Ledger
-from .mesh_backend import MeshBackendConfig, open_mesh_backend
-from .metrics import Metrics
-from .ratelimit import RateLimits
-from .verifier import Verifier, VerifierConfig
+from runtime import ready_file
+from runtime.heap import freeze_startup_heap
+from transport.host import open_mesh_host
 
 log = logging.getLogger("mesh.entry")
 

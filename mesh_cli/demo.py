@@ -12,8 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mesh_cli import ready_file
-from mesh_cli.settings import mesh_home
+from runtime import ready_file
+from runtime.settings import mesh_home
 
 
 def add_parser(sub) -> None:
@@ -66,7 +66,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh_cli.main import CliError
+    from runtime.errors import CliError
 
     if args.nodes < 1:
         raise CliError("--nodes must be at least 1")

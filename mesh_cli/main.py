@@ -6,10 +6,7 @@ import argparse
 import sys
 
 from protocol.errors import IdentityError
-
-
-class CliError(Exception):
-    """An error to show the user as one line, without a traceback."""
+from runtime.errors import CliError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,9 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from entry import cli as entry_cli
+    from mesh_cli import demo, keys
     from node import cli as node_cli
-
-    from . import demo, keys
 
     demo.add_parser(sub)
     node_cli.add_parser(sub)

@@ -6,8 +6,9 @@ Llama object (that segfaults). Waiters are served first come, first served.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import trio
 

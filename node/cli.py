@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mesh_cli.logs import add_logging_args
-
-from .config import load_config
-from .credits_cli import add_credits_parser
+from node.config import load_config
+from node.credits_cli import add_credits_parser
+from runtime.logs import add_logging_args
 
 
 def add_parser(sub) -> None:
@@ -59,22 +57,20 @@ _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from mesh_cli.daemon_start import run_daemon
+    from engine.model_file import ModelFileError
+    from node.control import ControlError
+    from node.daemon import NodeDaemon
     from protocol.errors import IdentityError
-
-    from .control import ControlError
-    from .daemon import NodeDaemon
-    from .model_file import ModelFileError
+    from runtime.daemon_start import run_daemon
 
     return run_daemon(lambda: load_config(args.config, {k: getattr(args, k) for k in _START_KEYS}), NodeDaemon,
                       (ModelFileError, ControlError, IdentityError, OSError), "mesh.node")
 
 
 def _control(args, request: dict) -> dict:
-    from mesh_cli.main import CliError
-
-    from .config import NodeConfig
-    from .control import ControlError, call
+    from node.config import NodeConfig
+    from node.control import ControlError, call
+    from runtime.errors import CliError
 
     try:
         return call(NodeConfig(state_dir=args.state_dir).control_socket(), request)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh_cli.settings import load_settings, mesh_home
+from runtime.settings import load_settings, mesh_home
 
 
 @dataclass
@@ -29,7 +29,7 @@ class NodeConfig:
     skip_benchmark: bool = False  # tests only: advertise zero speeds instead of measuring
     log_format: str = "text"
     log_level: str = "info"
-    # Benchmarks and scale tests: serve a synthetic engine (node/synthetic_engine.py) under
+    # Benchmarks and scale tests: serve a synthetic engine (engine/synthetic.py) under
     # this model name instead of a GGUF file, emitting synthetic_rate tokens/s per generation.
     synthetic: str | None = None
     synthetic_rate: float = 500.0

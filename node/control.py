@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import trio
 

@@ -63,10 +63,9 @@ def compare(statement: dict, receipts: list, entry_peer: str | None = None) -> d
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
-    from mesh_cli.main import CliError
-
-    from .config import NodeConfig
-    from .receipt_log import FILE_NAME, ReceiptLog
+    from node.config import NodeConfig
+    from node.receipt_log import FILE_NAME, ReceiptLog
+    from runtime.errors import CliError
 
     cfg = NodeConfig(state_dir=args.state_dir, identity=args.identity)
     from protocol.identity import Identity

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import trio
 
-from mesh_cli import ready_file
-from mesh_cli.heap import freeze_startup_heap
+from engine.model_file import ModelInfo, bundled_model_path, inspect_model
+from node.admission import Admission
+from node.config import NodeConfig
+from node.control import serve_control
+from node.receipt_log import FILE_NAME as RECEIPTS_FILE
+from node.receipt_log import ReceiptLog
+from node.service import NodeService, NodeStats
 from protocol import INFER_PROTOCOL_ID
 from protocol.identity import Identity
 from protocol.records import CapacityAdvert
-
-from .admission import Admission
-from .config import NodeConfig
-from .control import serve_control
-from .model_file import ModelInfo, bundled_model_path, inspect_model
-from .service import NodeService, NodeStats
-from .receipt_log import FILE_NAME as RECEIPTS_FILE, ReceiptLog
+from runtime import ready_file
+from runtime.heap import freeze_startup_heap
 
 log = logging.getLogger("mesh.node")
 
@@ -38,7 +38,7 @@ class NodeStartError(Exception):
 
 def resolve_model(cfg: NodeConfig) -> ModelInfo:
     if cfg.synthetic:
-        from .synthetic_engine import synthetic_info
+        from engine.synthetic import synthetic_info
 
         return synthetic_info(cfg.synthetic, cfg.ctx)
     path = Path(cfg.model) if cfg.model else bundled_model_path()
@@ -48,11 +48,11 @@ def resolve_model(cfg: NodeConfig) -> ModelInfo:
 
 def load_engines(cfg: NodeConfig, info: ModelInfo) -> list:
     if cfg.synthetic:
-        from .synthetic_engine import SyntheticEngine
+        from engine.synthetic import SyntheticEngine
 
         log.info("synthetic engine: no model is loaded", extra={"model": cfg.synthetic, "rate": cfg.synthetic_rate})
         return [SyntheticEngine(cfg.synthetic, rate=cfg.synthetic_rate, n_ctx=cfg.ctx) for _ in range(cfg.slots)]
-    from .engine import Engine
+    from engine.llama import Engine
 
     engines = []
     threads = cfg.threads_per_slot()
@@ -67,7 +67,7 @@ def load_engines(cfg: NodeConfig, info: ModelInfo) -> list:
 
 
 def _import_p2p() -> None:
-    import protocol.p2p  # noqa: F401
+    import transport.host  # noqa: F401
 
 
 class NodeDaemon:
@@ -108,7 +108,7 @@ class NodeDaemon:
                                    model_name=self.model_id, context_size=ctx, max_tokens=cfg.max_tokens, stats=self.stats,
                                    on_receipt=ReceiptLog(cfg.state_path() / RECEIPTS_FILE).append)
 
-        from protocol.p2p import open_mesh_host
+        from transport.host import open_mesh_host
 
         async with open_mesh_host(self.identity, listen_host=cfg.listen_host, listen_port=cfg.port,
                                   bootstrap=cfg.bootstrap) as host:
@@ -145,7 +145,7 @@ class NodeDaemon:
         )
 
     async def _publish(self, draining: bool = False) -> None:
-        from protocol.discovery import publish_advert
+        from transport.discovery import publish_advert
 
         # Storers' copies live 4 intervals; refreshing them every 2nd interval keeps them
         # valid with one refresh to spare and halves the DHT traffic a node causes (in a

@@ -11,21 +11,36 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import trio
 
+from node.admission import Admission, Busy, Draining
 from protocol.errors import ProtocolError
 from protocol.framing import FrameReader, FrameWriter
 from protocol.identity import Identity
 from protocol.messages import (
-    ERR_BUSY, ERR_CANCELLED, ERR_INTERNAL, ERR_INVALID, ERR_LEAVING, ERR_TOO_LONG, ERR_UNKNOWN_MODEL,
-    Cancel, Error, Final, InferRequest, Leaving, StatusQuery, StatusReply, TokenChunk, parse_message, to_wire,
+    ERR_BUSY,
+    ERR_CANCELLED,
+    ERR_INTERNAL,
+    ERR_INVALID,
+    ERR_LEAVING,
+    ERR_TOO_LONG,
+    ERR_UNKNOWN_MODEL,
+    Cancel,
+    Error,
+    Final,
+    InferRequest,
+    Leaving,
+    StatusQuery,
+    StatusReply,
+    TokenChunk,
+    parse_message,
+    to_wire,
 )
 from protocol.records import WorkReceipt, token_digest
-
-from .admission import Admission, Busy, Draining
 
 log = logging.getLogger("mesh.node.service")
 
@@ -369,7 +384,7 @@ def _chunk(rid: str, batch: list, req: InferRequest) -> TokenChunk:
 
 
 def _error_for(e: Exception) -> tuple[str, str]:
-    from .engine import BadRequest, RequestTooLong
+    from engine.llama import BadRequest, RequestTooLong
 
     if isinstance(e, RequestTooLong):
         return ERR_TOO_LONG, str(e)

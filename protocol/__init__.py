@@ -1,6 +1,7 @@
-"""What node and entry must agree on: frames, messages, identities, signed records, DHT keys.
+"""What node and entry agree on: frames, messages, identities, signed records, credit queries.
 
-Pure code with no I/O beyond a stream interface, so every part can be fuzzed alone.
+Pure code: no network I/O (the transport package carries these bytes), so every part can be
+fuzzed alone. `identity` reads and writes key files; nothing else touches the disk.
 """
 
 PROTOCOL_VERSION = 1

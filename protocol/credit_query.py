@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from .errors import IdentityError
-from .identity import Identity, public_key_from_peer_id, verify_signature
+from protocol.errors import IdentityError
+from protocol.identity import Identity, public_key_from_peer_id, verify_signature
 
 HEADER = "X-Mesh-Node-Auth"
 MAX_SKEW = 300.0

@@ -9,11 +9,12 @@ timestamps, non-string map keys), so a hostile peer can neither crash nor balloo
 from __future__ import annotations
 
 import struct
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import msgpack
 
-from .errors import FrameTooLarge, MalformedFrame
+from protocol.errors import FrameTooLarge, MalformedFrame
 
 DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB: a request with a long chat fits, a memory bomb does not
 _HEADER = struct.Struct(">I")

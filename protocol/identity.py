@@ -15,7 +15,7 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
-from .errors import IdentityError
+from protocol.errors import IdentityError
 
 _HEADER = "mesh-ed25519-seed-v1"
 
@@ -25,11 +25,11 @@ class Identity:
     signing_key: nacl.signing.SigningKey
 
     @classmethod
-    def generate(cls) -> "Identity":
+    def generate(cls) -> Identity:
         return cls(nacl.signing.SigningKey.generate())
 
     @classmethod
-    def from_seed(cls, seed: bytes) -> "Identity":
+    def from_seed(cls, seed: bytes) -> Identity:
         if len(seed) != 32:
             raise IdentityError("an Ed25519 seed is 32 bytes")
         return cls(nacl.signing.SigningKey(seed))
@@ -63,7 +63,7 @@ class Identity:
         os.chmod(path, 0o600)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Identity":
+    def load(cls, path: str | os.PathLike) -> Identity:
         path = Path(path)
         try:
             st = path.stat()
@@ -85,7 +85,7 @@ class Identity:
         return cls.from_seed(seed)
 
     @classmethod
-    def load_or_create(cls, path: str | os.PathLike) -> "Identity":
+    def load_or_create(cls, path: str | os.PathLike) -> Identity:
         if Path(path).exists():
             return cls.load(path)
         ident = cls.generate()

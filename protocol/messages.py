@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import PROTOCOL_VERSION
-from .errors import InvalidMessage, UnsupportedVersion
+from protocol import PROTOCOL_VERSION
+from protocol.errors import InvalidMessage, UnsupportedVersion
 
 MAX_MESSAGES = 256
 MAX_TEXT = 256 * 1024  # characters in one prompt or message
@@ -102,7 +102,7 @@ class SamplingParams:
     max_tokens: int = 256
 
     @classmethod
-    def from_wire(cls, d: Any) -> "SamplingParams":
+    def from_wire(cls, d: Any) -> SamplingParams:
         _check(isinstance(d, dict), "'params' must be a map")
         stop = d.get("stop") or []
         _check(isinstance(stop, list) and len(stop) <= MAX_STOP, f"'stop' must be a list of at most {MAX_STOP} strings")
@@ -152,7 +152,7 @@ class InferRequest:
     T = "req"
 
     @classmethod
-    def from_wire(cls, d: dict) -> "InferRequest":
+    def from_wire(cls, d: dict) -> InferRequest:
         rid = _str(d, "id", 64)
         _check(bool(_REQUEST_ID.match(rid)), "'id' must be 8-64 characters of [A-Za-z0-9_-]")
         model = _str(d, "model", 64)
@@ -217,7 +217,7 @@ class TokenChunk:
     T = "tok"
 
     @classmethod
-    def from_wire(cls, d: dict) -> "TokenChunk":
+    def from_wire(cls, d: dict) -> TokenChunk:
         ids = _int_list(d, "ids", 4096)
         lp = d.get("lp")
         if lp is not None:
@@ -258,7 +258,7 @@ class Final:
     T = "fin"
 
     @classmethod
-    def from_wire(cls, d: dict) -> "Final":
+    def from_wire(cls, d: dict) -> Final:
         fr = _str(d, "finish", 16)
         _check(fr in FINISH_REASONS, f"'finish' must be one of {FINISH_REASONS}")
         receipt = d.get("receipt")
@@ -294,7 +294,7 @@ class Error:
     T = "err"
 
     @classmethod
-    def from_wire(cls, d: dict) -> "Error":
+    def from_wire(cls, d: dict) -> Error:
         return cls(
             _str(d, "code", 64),
             _str(d, "message", 4096),
@@ -317,7 +317,7 @@ class Cancel:
     T = "cancel"
 
     @classmethod
-    def from_wire(cls, d: dict) -> "Cancel":
+    def from_wire(cls, d: dict) -> Cancel:
         return cls(_str(d, "id", 64))
 
     def to_wire(self) -> dict:
@@ -332,7 +332,7 @@ class Leaving:
     T = "leaving"
 
     @classmethod
-    def from_wire(cls, d: dict) -> "Leaving":
+    def from_wire(cls, d: dict) -> Leaving:
         return cls(_float(d, "grace", 0.0, 86400.0))
 
     def to_wire(self) -> dict:
@@ -344,7 +344,7 @@ class StatusQuery:
     T = "status?"
 
     @classmethod
-    def from_wire(cls, d: dict) -> "StatusQuery":
+    def from_wire(cls, d: dict) -> StatusQuery:
         return cls()
 
     def to_wire(self) -> dict:
@@ -367,7 +367,7 @@ class StatusReply:
     T = "status"
 
     @classmethod
-    def from_wire(cls, d: dict) -> "StatusReply":
+    def from_wire(cls, d: dict) -> StatusReply:
         return cls(
             _str(d, "model", 64),
             _str(d, "name", 256),

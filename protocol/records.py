@@ -16,10 +16,9 @@ from typing import Any
 
 import msgpack
 
-from .errors import RecordError
-from .framing import decode_body
-from .identity import Identity, public_key_from_peer_id, verify_signature
-from .errors import IdentityError, ProtocolError
+from protocol.errors import IdentityError, ProtocolError, RecordError
+from protocol.framing import decode_body
+from protocol.identity import Identity, public_key_from_peer_id, verify_signature
 
 _DOMAIN = b"mesh-record-v1\x00"
 MAX_RECORD = 8192
@@ -106,7 +105,7 @@ class CapacityAdvert:
         return _seal(self.KIND, asdict(self), identity)
 
     @classmethod
-    def verify(cls, blob: Any, *, now: float | None = None, node: str | None = None, model_sha256: str | None = None) -> "CapacityAdvert":
+    def verify(cls, blob: Any, *, now: float | None = None, node: str | None = None, model_sha256: str | None = None) -> CapacityAdvert:
         adv = cls(**_typed(_open(blob, cls.KIND), cls._SPEC))
         now = time.time() if now is None else now
         if adv.expires_at <= now:
@@ -187,7 +186,7 @@ class WorkReceipt:
         model_sha256: str,
         tokens: list[int],
         prompt_tokens: int | None = None,
-    ) -> "WorkReceipt":
+    ) -> WorkReceipt:
         """Accept only a receipt that matches what the entry itself relayed."""
         r = cls(**_typed(_open(blob, cls.KIND), cls._SPEC))
         if r.node != node:

@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_node import PROMPT, bench_llama_cpp, summarize  # noqa: E402
-from mesh_cli import ready_file  # noqa: E402
+
+from runtime import ready_file
 
 
 class Proc:
@@ -177,7 +178,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="write results to this file")
     args = ap.parse_args()
-    from node.model_file import bundled_model_path
+    from engine.model_file import bundled_model_path
 
     model = args.model or str(bundled_model_path())
     results = {}

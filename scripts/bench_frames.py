@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from protocol.framing import FrameReader, FrameWriter, encode_frame  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
-from protocol.p2p import open_mesh_host  # noqa: E402
+from transport.host import open_mesh_host  # noqa: E402
 
 BENCH = "/mesh/bench/1"
 

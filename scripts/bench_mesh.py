@@ -6,7 +6,7 @@ failover, and a many-node mesh. One command, results as tables and as JSON.
 Sections (all by default; --only picks some):
   overhead  decode tok/s and TTFT: llama-cpp-python directly, our engine, through a node
             (libp2p), through entry + node (HTTP SSE); real model (bundled SmolLM2), 2 threads
-  capacity  entry relay capacity: synthetic nodes (node/synthetic_engine.py: the real node
+  capacity  entry relay capacity: synthetic nodes (engine/synthetic.py: the real node
             stack, no model) behind one entry, 1/16/64 concurrent SSE streams from a separate
             load-generator process (scripts/loadgen.py): aggregate tok/s, p50/p99 gap between
             text events, TTFT, entry CPU and RSS, the load generator's own CPU
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from mesh_cli import ready_file  # noqa: E402
+from runtime import ready_file
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PY = sys.executable
@@ -356,10 +356,10 @@ def say(msg: str) -> None:
 def section_overhead(args) -> dict:
     """Real model: direct llama.cpp vs our engine vs node vs entry + node."""
     import trio
-
     from bench_entry import bench_entry_path
     from bench_node import bench_engine, bench_llama_cpp, bench_node
-    from node.model_file import bundled_model_path, inspect_model
+
+    from engine.model_file import bundled_model_path, inspect_model
 
     model = args.model or str(bundled_model_path())
     info = inspect_model(model)
@@ -481,7 +481,7 @@ def _probe_routing(m: Mesh, node: Proc, model: str, loaded_msgs: tuple[str, ...]
 
 def section_routing(args) -> dict:
     """New node routable after its model is loaded; killed node out of routing."""
-    from node.model_file import bundled_model_path
+    from engine.model_file import bundled_model_path
 
     probes = args.routing_probes
     real = str(bundled_model_path()) if args.routing_real else None
@@ -582,7 +582,8 @@ def section_failover(args) -> dict:
         # The same with the real model: the new node replays the delivered tokens one at a
         # time (bit-exact continuation), so the gap includes that replay.
         from bench_entry import bench_failover
-        from node.model_file import bundled_model_path
+
+        from engine.model_file import bundled_model_path
 
         say(f"  with the real model: {args.failover_real} kills of 1-thread SmolLM2 nodes after 3 tokens …")
         with tempfile.TemporaryDirectory() as tmp:
@@ -595,10 +596,10 @@ def dht_probe(bootstrap: str, samples: int) -> dict:
     """Run in a subprocess: a fresh DHT client times lookups against the mesh."""
     import trio
 
-    from protocol.dht_keys import advert_key, directory_key
-    from protocol.discovery import discover_all
     from protocol.identity import Identity
-    from protocol.p2p import open_mesh_host
+    from transport.dht_keys import advert_key, directory_key
+    from transport.discovery import discover_all
+    from transport.host import open_mesh_host
 
     async def main() -> dict:
         out: dict = {"find_providers_ms": [], "get_value_ms": [], "discover_all_ms": [], "providers": []}

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mesh_cli import ready_file  # noqa: E402
+from runtime import ready_file
 
 PROMPT = "Count slowly and carefully: 1, 2, 3, 4, 5, 6, 7, 8,"
 
@@ -61,7 +61,7 @@ def bench_llama_cpp(model: str, threads: int, n_tokens: int, runs: int) -> dict:
 
 
 def bench_engine(model: str, threads: int, n_tokens: int, runs: int) -> dict:
-    from node.engine import Engine
+    from engine.llama import Engine
     from protocol.messages import InferRequest, SamplingParams
 
     eng = Engine(model, n_ctx=2048, n_threads=threads)
@@ -84,13 +84,12 @@ def bench_engine(model: str, threads: int, n_tokens: int, runs: int) -> dict:
 
 
 async def bench_node(model: str, sha: str, threads: int, n_tokens: int, runs: int) -> dict:
-    import trio
 
     from protocol import INFER_PROTOCOL_ID
     from protocol.identity import Identity
-    from protocol.infer_client import InferCall
     from protocol.messages import InferRequest, SamplingParams
-    from protocol.p2p import open_mesh_host
+    from transport.host import open_mesh_host
+    from transport.node_client import InferCall
 
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "node"
@@ -143,7 +142,7 @@ def main() -> int:
 
     import trio
 
-    from node.model_file import bundled_model_path, inspect_model
+    from engine.model_file import bundled_model_path, inspect_model
 
     model = args.model or str(bundled_model_path())
     info = inspect_model(model)

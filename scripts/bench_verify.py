@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.llama import Engine  # noqa: E402
+from engine.model_file import bundled_model_path  # noqa: E402
 from entry.backend import GenerationSpec  # noqa: E402
-from entry.mesh_backend import GenerationRecord, PartRecord, build_request  # noqa: E402
-from entry.verifier import Verifier, VerifierConfig  # noqa: E402
-from node.engine import Engine  # noqa: E402
-from node.model_file import bundled_model_path  # noqa: E402
+from entry.mesh.relay import GenerationRecord, PartRecord, build_request  # noqa: E402
+from entry.verify.verifier import Verifier, VerifierConfig  # noqa: E402
 from protocol.messages import ChatMessage, SamplingParams  # noqa: E402
 
 TOPICS = ["the ocean", "volcanoes", "a robot painter", "bread baking", "the moon", "chess", "rainforests", "bicycles",
@@ -164,8 +164,8 @@ def main() -> int:
 
     tmp = Path("/tmp") / "bench-verify-models"
     tmp.mkdir(exist_ok=True)
-    from tests.tiny_model import write_tiny_llama
-    from tests.wrong_model import noised_copy
+    from tests.support.tiny_model import write_tiny_llama
+    from tests.support.wrong_model import noised_copy
 
     cheats = {
         "wrong-model (2% noise)": Engine(noised_copy(path, tmp / "n2.gguf", fraction=0.02, seed=1), n_ctx=2048, n_threads=2),
@@ -198,7 +198,7 @@ def main() -> int:
                              f"within_{n}_established_node": within(d["rate"], [cfg.rate] * n)}
                       for mode, d in detection.items()},
         "receipt_cheats": "inflate, forge, replay, truncate (length): checked on every request, no sampling "
-                          "(tests/test_verify_cheaters.py)",
+                          "(tests/verify/test_cheaters.py)",
     }
     print(json.dumps(result, indent=2, default=str))
     if args.json:

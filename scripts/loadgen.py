@@ -46,7 +46,7 @@ class Conn:
         self.buf = bytearray()
 
     @classmethod
-    async def open(cls, host: str, port: int) -> "Conn":
+    async def open(cls, host: str, port: int) -> Conn:
         s = await trio.open_tcp_stream(host, port)
         return cls(s)
 

@@ -50,5 +50,5 @@ if ! "$VENV/bin/python" -c 'import llama_cpp, sys; llama_cpp.llama_backend_init(
     "${PIP[@]}" install -q --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
 fi
 
-"$VENV/bin/python" -c 'from node.model_file import bundled_model_path; print("bundled model:", bundled_model_path())'
+"$VENV/bin/python" -c 'from engine.model_file import bundled_model_path; print("bundled model:", bundled_model_path())'
 step "setup complete"

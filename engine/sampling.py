@@ -1,0 +1,185 @@
+"""Token selection over a raw logits row, in numpy.
+
+We do not use llama.cpp's sampler: its chain and its RNG differ between llama.cpp versions
+and builds, while the mesh needs (a) the same token on every node for the same logits and
+seed, and (b) a verifier that can recompute exactly what a node was supposed to do.
+
+Semantics (documented because verifiers and failover depend on them):
+- temperature == 0: greedy = argmax of the raw logits (lowest id on ties). Penalties,
+  top_k/top_p/min_p and the seed are ignored, so a verifier needs only the logits.
+- otherwise, in this order:
+  1. penalties over the last `repeat_last_n` tokens of the whole sequence (prompt,
+     continuation and generated tokens), llama.cpp style: for a token seen c > 0 times,
+     logit = logit / repeat_penalty if logit > 0 else logit * repeat_penalty, then
+     logit -= c * frequency_penalty + presence_penalty (repeat_penalty <= 0 counts as 1);
+  2. logits / temperature;
+  3. top_k (k > 0): keep tokens whose logit >= the k-th largest (ties at the edge are kept);
+  4. top_p (< 1): keep the smallest most-probable set whose probability reaches top_p
+     (ties at the edge are kept), renormalise;
+  5. min_p (> 0): keep tokens with p >= min_p * max p;
+  6. draw one uniform double u from numpy's Generator(PCG64(seed)) and pick the token where
+     u * total falls in the cumulative sum of kept probabilities taken in ascending token-id
+     order. Exactly one draw per sampled token, so skipping n draws (`skip`) puts the
+     generator where an uninterrupted run would be after n tokens.
+Probabilities are computed in float64 from the float32 logits.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+
+# Selection works on block maxima first: np.partition over a 49k vocabulary costs ~0.4 ms,
+# far over the per-token budget, while a max over 768 groups + a threshold scan costs ~50 us.
+_BLOCK = 64
+
+
+def _top_set(v: np.ndarray, k: int) -> np.ndarray:
+    """Ascending indices of every element >= the k-th largest of v (ties kept)."""
+    n = v.shape[0]
+    if k >= n:
+        return np.arange(n)
+    nb = n // _BLOCK
+    if nb >= k:
+        # Groups are strided (element i is in group i % nb): a column max over _BLOCK rows
+        # is one vectorised pass, unlike per-row maxima of short rows.
+        bm = v[: nb * _BLOCK].reshape(_BLOCK, nb).max(axis=0)
+        if n % _BLOCK:
+            bm = np.append(bm, v[nb * _BLOCK :].max())
+        # The k largest group maxima are k distinct elements, so the k-th of them is a
+        # lower bound for the k-th largest element: everything above it is a candidate.
+        cand = np.flatnonzero(v >= np.partition(bm, bm.shape[0] - k)[bm.shape[0] - k])
+    else:
+        cand = np.arange(n)
+    vals = v[cand]
+    kth = np.partition(vals, vals.shape[0] - k)[vals.shape[0] - k]
+    return cand[vals >= kth]
+
+
+def log_softmax_at(logits: np.ndarray, token: int) -> float:
+    """log p(token) under softmax(logits), the model's raw distribution."""
+    return float(logits[token]) - _logsumexp(logits)
+
+
+def top_logprobs(logits: np.ndarray, k: int, lse: float | None = None) -> list[tuple[int, float]]:
+    """The k most likely tokens and their raw log-probabilities, most likely first
+    (lowest id first on ties)."""
+    n = logits.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return []
+    if lse is None:
+        lse = _logsumexp(logits)
+    idx = _top_set(logits, k)
+    vals = logits[idx]
+    order = np.lexsort((idx, -vals))[:k]
+    return [(int(idx[i]), float(vals[i]) - lse) for i in order]
+
+
+def logprob_report(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]] | None]:
+    """Chosen token's logprob and (k > 0) the top-k, sharing one normaliser."""
+    lse = _logsumexp(logits)
+    lp = float(logits[token]) - lse
+    return lp, (top_logprobs(logits, k, lse) if k > 0 else None)
+
+
+def _logsumexp(logits: np.ndarray) -> float:
+    m = float(logits.max())
+    return m + float(np.log(np.exp(logits.astype(np.float64) - m).sum()))
+
+
+class TokenSampler:
+    """Picks tokens for one request. Create one per request: it owns the RNG stream."""
+
+    def __init__(self, params, *, seed: int | None = None) -> None:
+        self.params = params
+        self.greedy = params.temperature == 0.0
+        s = params.seed if seed is None else seed
+        # A random seed is still a seed: reporting it lets a verifier replay the draws.
+        self.seed: int = s if s is not None else secrets.randbits(63)
+        self._rng = None if self.greedy else np.random.Generator(np.random.PCG64(self.seed))
+
+    def skip(self, n_tokens: int) -> None:
+        """Advance the RNG past tokens another node already sampled (failover)."""
+        if self._rng is not None and n_tokens > 0:
+            self._rng.random(n_tokens)
+
+    def choose(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """The next token. `logits` is the raw float32 row (not modified); `history` is the
+        sequence so far (only its last repeat_last_n tokens matter)."""
+        if self.greedy:
+            return int(np.argmax(logits))
+        p = self.params
+        ids, probs = kept_set(penalized(logits, p, history) / p.temperature, p)
+        cum = np.cumsum(probs)
+        u = self._rng.random() * cum[-1]
+        # u < total, so j is in range; the clamp only covers rounding at the very end.
+        j = min(int(np.searchsorted(cum, u, side="right")), cum.shape[0] - 1)
+        return int(j if ids is None else ids[j])
+
+
+# Steps 1 and 3-5, shared with the verifier (entry/verify/stats.py), which must cut exactly
+# where the sampler cuts.
+
+def penalized(logits: np.ndarray, params, history: Sequence[int]) -> np.ndarray:
+    """A float64 copy of the raw logits after the repeat/frequency/presence penalties
+    (step 1; `logits` is not modified)."""
+    p = params
+    x = logits.astype(np.float64)
+    active = p.repeat_last_n > 0 and (p.repeat_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
+    if active and len(history):
+        window = np.asarray(history[-p.repeat_last_n :], dtype=np.int64)
+        ids, counts = np.unique(window, return_counts=True)
+        ok = (ids >= 0) & (ids < x.shape[0])
+        ids, counts = ids[ok], counts[ok]
+        v = x[ids]
+        if p.repeat_penalty > 0.0 and p.repeat_penalty != 1.0:
+            v = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
+        x[ids] = v - counts * p.frequency_penalty - p.presence_penalty
+    return x
+
+
+def kept_set(x: np.ndarray, params) -> tuple[np.ndarray | None, np.ndarray]:
+    """(ascending ids, unnormalised probs) left after top_k, top_p and min_p (steps 3-5)
+    for scaled logits x; ids None means the whole vocabulary, in order."""
+    p = params
+    ids = None
+    if 0 < p.top_k < x.shape[0]:
+        ids = _top_set(x, p.top_k)
+        x = x[ids]
+    probs = np.exp(x - x.max())
+    if p.top_p < 1.0:
+        sel = _nucleus(probs, p.top_p)
+        ids, probs = (sel if ids is None else ids[sel]), probs[sel]
+    if p.min_p > 0.0:
+        # After the steps above the largest prob is still exp(0) = 1.
+        sel = np.flatnonzero(probs >= p.min_p)
+        ids, probs = (sel if ids is None else ids[sel]), probs[sel]
+    return ids, probs
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Ascending indices of the smallest most-probable set reaching top_p of the total,
+    plus anything tied with its least probable member. probs: positive, unnormalised,
+    max exactly 1."""
+    target = top_p * probs.sum()
+    n = probs.shape[0]
+    # Each candidate set holds every element above some value, i.e. it is a prefix of
+    # the descending order; if its sorted cumulative sum reaches the target, the answer
+    # equals a full sort's (2-3 ms for 49k tokens) at the cost of sorting the prefix only.
+    tiers = (
+        lambda: _top_set(probs, min(64, n)),
+        lambda: np.flatnonzero(probs >= 1e-3),
+        lambda: np.flatnonzero(probs >= 1e-6),
+        lambda: np.arange(n),
+    )
+    for tier in tiers:
+        cand = tier()
+        top = np.sort(probs[cand])[::-1]
+        cum = np.cumsum(top)
+        if cum[-1] >= target or cand.shape[0] == n:
+            threshold = top[min(int(np.searchsorted(cum, target, side="left")), top.shape[0] - 1)]
+            return cand[probs[cand] >= threshold]
+    raise AssertionError("unreachable")

@@ -1,0 +1,559 @@
+"""The entry's HTTP side: an OpenAI-compatible API, the web chat and the operator endpoints.
+
+A Starlette app served by hypercorn's trio worker, so it shares one trio event loop with the
+mesh backend. Generation requests are validated into GenerationSpecs that hold only what
+generation needs (entry/api/parsing.py) and answered from Backend events
+(entry/api/responses.py). Hypercorn's access log stays off: the entry keeps no record of who
+asked what.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from entry.api.apikeys import ApiKeyStore
+from entry.api.metrics import TTFT_BUCKETS, Metrics
+from entry.api.parsing import ApiError, GenerationPlan, parse_chat, parse_completion
+from entry.api.ratelimit import OPEN_SUBJECT, RateLimited, RateLimits
+from entry.api.responses import SSE_DONE, ChoiceState, ResponseBuilder, dumps, model_object, sse
+from entry.backend import Backend, DoneEvent, InvalidGeneration, MeshUnavailable, ModelEntry, TokenEvent, UnknownModel
+
+log = logging.getLogger("mesh.entry.api")
+
+WEBCHAT_DIR = Path(__file__).parent / "webchat"
+_WEBCHAT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                  ".css": "text/css; charset=utf-8"}
+# The page loads nothing from elsewhere and runs no inline script.
+_WEBCHAT_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_CLOSE_TIMEOUT = 5.0  # how long closing a backend iterator may take once the client is gone
+_END = object()  # a producer's iterator ran out
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def backend_error(e: BaseException) -> ApiError:
+    """A failure from the backend, in OpenAI's shape."""
+    if isinstance(e, UnknownModel):
+        return ApiError(404, str(e) or "no node serves this model", param="model", code="model_not_found")
+    if isinstance(e, MeshUnavailable):
+        return ApiError(503, str(e) or "no node can serve this request now", type="server_error",
+                        code="mesh_unavailable", headers={"Retry-After": _retry_after(e.retry_after)})
+    if isinstance(e, InvalidGeneration):
+        return ApiError(400, str(e), code=e.code)
+    return ApiError(500, "internal error in the entry", type="server_error", code="internal_error")
+
+
+@dataclass
+class _Settings:
+    backend: Backend
+    keys: ApiKeyStore | None
+    open_mode: bool
+    limits: RateLimits
+    metrics: Metrics
+    max_body_bytes: int
+    started: int
+    ledger: Any = None  # entry/credits/ledger.py Ledger, for /v1/mesh/credits/{node}
+
+
+class _Instruments:
+    def __init__(self, m: Metrics):
+        self.requests = m.counter("mesh_entry_requests_total", "HTTP requests by endpoint and status", ("endpoint", "status"))
+        self.latency = m.histogram("mesh_entry_request_duration_seconds", "Time from request to the end of the response",
+                                   ("endpoint",))
+        self.ttft = m.histogram("mesh_entry_time_to_first_token_seconds", "Time from request to the first generated token",
+                                ("endpoint",), TTFT_BUCKETS)
+        self.completion_tokens = m.counter("mesh_entry_completion_tokens_total", "Tokens generated", ("model",))
+        self.prompt_tokens = m.counter("mesh_entry_prompt_tokens_total", "Prompt tokens processed", ("model",))
+        self.failovers = m.counter("mesh_entry_failovers_total", "Generations continued on another node", ("model",))
+        self.disconnects = m.counter("mesh_entry_client_disconnects_total", "Generations cancelled because the client left")
+        self.in_flight = m.gauge("mesh_entry_generations_in_flight", "Generation requests being answered")
+        self.in_flight.set(0)
+        self.model_nodes = m.gauge("mesh_entry_model_nodes", "Live nodes serving each model", ("model",))
+
+
+_KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/mesh/nodes")
+
+
+def _endpoint_label(path: str) -> str:
+    # Templates, not raw paths: a scanner must not be able to mint new series.
+    if path in _KNOWN_PATHS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    if path.startswith("/webchat/"):
+        return "/webchat/{file}"
+    if path.startswith("/v1/mesh/credits/"):
+        return "/v1/mesh/credits/{node}"
+    return "other"
+
+
+class _RequestMetrics:
+    """Counts every response by endpoint and status and times it to its last byte."""
+
+    def __init__(self, app, instruments: _Instruments):
+        self.app = app
+        self.ins = instruments
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = _endpoint_label(scope["path"])
+        t0 = time.perf_counter()
+        started = False
+
+        async def send_wrapper(message):
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                # Counted when the status is known rather than at the end, so the count is
+                # already there when the client has read the response.
+                started = True
+                self.ins.requests.inc(endpoint=endpoint, status=str(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if not started:
+                self.ins.requests.inc(endpoint=endpoint, status="500")
+            self.ins.latency.observe(time.perf_counter() - t0, endpoint=endpoint)
+
+
+class GenerationResponse(Response):
+    """Runs a plan's generations and answers: JSON, or SSE once the first events are in.
+
+    Each generation is read by one producer task from start to close, so a backend iterator
+    that keeps a nursery or cancel scope open across its yields is never resumed from another
+    task. A watcher cancels everything when the client disconnects; the producers then close
+    their iterators, which cancels the work on the nodes.
+    """
+
+    def __init__(self, settings: _Settings, ins: _Instruments, plan: GenerationPlan, model: ModelEntry,
+                 subject: str, tpm: int | None, t0: float):
+        self.s, self.ins, self.plan, self.model = settings, ins, plan, model
+        self.subject, self.tpm, self.t0 = subject, tpm, t0
+        prefix = "chatcmpl-" if plan.endpoint == "chat" else "cmpl-"
+        self.builder = ResponseBuilder(plan.endpoint, prefix + secrets.token_hex(12), int(time.time()), model,
+                                       plan.include_usage)
+        self.states = [ChoiceState(i, plan.prompt_of[i]) for i in range(len(plan.specs))]
+        self.endpoint = "/v1/chat/completions" if plan.endpoint == "chat" else "/v1/completions"
+        self.first_token_seen = False
+        self.finishing = False
+        self.ended = 0  # choices whose events are all in
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.ins.in_flight.inc()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+                tx, rx = trio.open_memory_channel(64)
+                async with tx:
+                    for i, spec in enumerate(self.plan.specs):
+                        nursery.start_soon(self._produce, i, spec, tx.clone())
+                try:
+                    if self.plan.stream:
+                        await self._answer_stream(rx, send)
+                    else:
+                        await self._answer_json(rx, send)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.ins.in_flight.dec()
+            self._finish()
+
+    def _finish(self) -> None:
+        """Charge tokens and count them, once, before the last byte goes out: a client that
+        reads its answer and then /metrics sees its own request counted."""
+        if self.finishing:
+            return
+        self.finishing = True
+        self._account()
+
+    async def _watch_disconnect(self, receive, scope: trio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            # Hypercorn also reports a disconnect once the answer is complete; only one that
+            # comes before means the client left.
+            if message["type"] == "http.disconnect":
+                if not self.finishing:
+                    self.ins.disconnects.inc()
+                    scope.cancel()
+                return
+
+    async def _produce(self, index: int, spec, tx: trio.MemorySendChannel) -> None:
+        async with tx:
+            events = None
+            try:
+                events = self.s.backend.generate(spec)
+                async for ev in events:
+                    await tx.send((index, ev))
+                await tx.send((index, _END))
+            except Exception as e:  # noqa: BLE001 - every failure becomes an answer to the client
+                if not isinstance(e, (UnknownModel, MeshUnavailable, InvalidGeneration)):
+                    log.exception("generation failed in the backend")
+                await tx.send((index, e))
+            finally:
+                if events is not None:
+                    await _close_events(events)
+
+    def _record(self, index: int, item: Any) -> tuple[str, Any]:
+        """Fold an item into its choice's state: ("token", lps) | ("done", None) | ("error", exc)."""
+        state = self.states[index]
+        if isinstance(item, TokenEvent):
+            if not self.first_token_seen and item.ids:
+                self.first_token_seen = True
+                self.ins.ttft.observe(time.perf_counter() - self.t0, endpoint=self.endpoint)
+            return "token", state.add(item, self.plan.top_logprobs)
+        if isinstance(item, DoneEvent):
+            state.done = item
+            return "done", None
+        if item is _END:
+            if state.done is None:
+                log.error("backend generation ended without a DoneEvent")
+                return "error", MeshUnavailable("the generation ended before it finished")
+            return "end", None
+        if isinstance(item, BaseException):
+            return "error", item
+        log.error("backend yielded %r, not an event", type(item).__name__)
+        return "error", RuntimeError("bad backend event")
+
+    async def _answer_json(self, rx, send) -> None:
+        finished = 0
+        while finished < len(self.states):
+            index, item = await rx.receive()
+            what, value = self._record(index, item)
+            if what == "error":
+                e = backend_error(value)
+                self._finish()
+                await _send_json(send, e.status, e.body(), e.headers)
+                return
+            finished += what == "end"
+        body = self.builder.response(self.states, self.plan.logprobs)
+        self._finish()
+        await _send_json(send, 200, body)
+
+    async def _answer_stream(self, rx, send) -> None:
+        # Hold the headers until every choice has an event or an error, so a request that
+        # cannot start gets a real status code (404, 503 + Retry-After) instead of a 200
+        # whose body is an error.
+        waiting = set(range(len(self.states)))
+        pending: list[tuple[int, Any]] = []
+        while waiting:
+            index, item = await rx.receive()
+            if isinstance(item, BaseException) or (item is _END and self.states[index].done is None):
+                _, err = self._record(index, item)
+                e = backend_error(err)
+                self._finish()
+                await _send_json(send, e.status, e.body(), e.headers)
+                return
+            waiting.discard(index)
+            pending.append((index, item))
+
+        await send({"type": "http.response.start", "status": 200, "headers": _raw_headers(
+            {"Content-Type": "text/event-stream; charset=utf-8", **_SSE_HEADERS})})
+
+        async def emit(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        if self.plan.endpoint == "chat":
+            for i in range(len(self.states)):
+                await emit(sse(self.builder.role_chunk(i)))
+        ended = False
+        for index, item in pending:
+            ended = await self._stream_item(index, item, emit)
+            if ended:
+                break
+        while not ended:
+            ended = await self._stream_item(*await rx.receive(), emit)
+        self._finish()
+        await emit(SSE_DONE)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stream_item(self, index: int, item: Any, emit) -> bool:
+        """Send what one item adds to the stream; True once the stream is complete."""
+        what, value = self._record(index, item)
+        if what == "token":
+            chunk = self.builder.token_chunk(self.states[index], item, value, self.plan.logprobs)
+            if chunk is not None:
+                await emit(sse(chunk))
+        elif what == "done":
+            await emit(sse(self.builder.final_chunk(self.states[index])))
+        elif what == "error":
+            # Headers are gone: the error travels as an event, as OpenAI's stream does.
+            await emit(sse(backend_error(value).body()))
+            return True
+        else:
+            self.ended += 1
+            if self.ended == len(self.states):
+                if self.plan.include_usage:
+                    await emit(sse(self.builder.usage_chunk(self.states)))
+                return True
+        return False
+
+    def _account(self) -> None:
+        tokens = sum(s.completion_tokens for s in self.states)
+        self.s.limits.spend_tokens(self.subject, tokens, tpm=self.tpm)
+        model = self.model.id
+        self.ins.completion_tokens.inc(tokens, model=model)
+        prompt = {}
+        for s in self.states:
+            if s.done:
+                prompt[s.prompt_index] = s.done.prompt_tokens
+                if s.done.failovers:
+                    self.ins.failovers.inc(s.done.failovers, model=model)
+        self.ins.prompt_tokens.inc(sum(prompt.values()), model=model)
+
+
+async def _close_events(events) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is None:
+        return
+    # Shielded: this runs while the request is being cancelled, and the close is what tells
+    # the node to stop.
+    with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
+        scope.shield = True
+        try:
+            await aclose()
+        except Exception:  # noqa: BLE001 - a failing close must not mask the answer
+            log.exception("closing a backend generation failed")
+
+
+def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def _send_json(send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    data = dumps(body).encode("utf-8")
+    await send({"type": "http.response.start", "status": status, "headers": _raw_headers(
+        {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})})})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+class _Handlers:
+    def __init__(self, s: _Settings):
+        self.s = s
+        self.ins = _Instruments(s.metrics)
+        self.webchat = {p.name: p.read_bytes() for p in WEBCHAT_DIR.glob("*") if p.suffix in _WEBCHAT_TYPES}
+
+    # --- access -------------------------------------------------------------------------------
+
+    def authenticate(self, request: Request) -> tuple[str, int | None, int | None]:
+        """(rate-limit subject, rpm, tpm) of the caller."""
+        if self.s.open_mode:
+            return OPEN_SUBJECT, None, None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        info = self.s.keys.verify(token)
+        if info is None:
+            raise ApiError(401, "invalid or revoked API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return f"key:{info.id}", info.rpm, info.tpm
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.s.max_body_bytes
+        too_big = ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, "bad Content-Length header")
+            if int(declared) > limit:
+                raise too_big
+        buf = bytearray()
+        try:
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise too_big
+        except ClientDisconnect:
+            raise ApiError(400, "client disconnected while sending the body") from None
+        try:
+            body = json.loads(bytes(buf))
+        except (ValueError, RecursionError):
+            raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        return body
+
+    # --- generation ---------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, parse: Callable[[dict], GenerationPlan]) -> Response:
+        t0 = time.perf_counter()
+        subject, rpm, tpm = self.authenticate(request)
+        plan = parse(await self.read_json(request))
+        model = self.s.backend.resolve_model(plan.model)
+        if model is None:
+            raise ApiError(404, f"the model {plan.model!r} is not served by the mesh right now; see /v1/models",
+                           param="model", code="model_not_found")
+        try:
+            self.s.limits.acquire(subject, rpm=rpm, tpm=tpm)
+        except RateLimited as e:
+            raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": _retry_after(e.retry_after)}) from None
+        return GenerationResponse(self.s, self.ins, plan, model, subject, tpm, t0)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, parse_chat)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_completion)
+
+    # --- mesh views ---------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        self.authenticate(request)
+        return JSONResponse({"object": "list", "data": [model_object(m, self.s.started) for m in self.s.backend.models()]})
+
+    async def get_model(self, request: Request) -> Response:
+        self.authenticate(request)
+        model_id = request.path_params["model_id"]
+        m = self.s.backend.resolve_model(model_id)
+        if m is None:
+            raise ApiError(404, f"the model {model_id!r} is not served by the mesh right now", param="model",
+                           code="model_not_found")
+        return JSONResponse(model_object(m, self.s.started))
+
+    async def nodes(self, request: Request) -> Response:
+        self.authenticate(request)
+        return JSONResponse({"object": "list", "data": self.s.backend.nodes_view()})
+
+    async def credits(self, request: Request) -> Response:
+        """A node's credit statement, for that node only (signed query, protocol/credit_query.py):
+        totals per escrow state and every booked request id with its tokens, so the node can
+        check them against the receipts it kept."""
+        from protocol.credit_query import HEADER, check_query
+
+        node = request.path_params["node"]
+        if self.s.ledger is None:
+            raise ApiError(404, "this entry keeps no credits ledger", code="no_ledger")
+        if not check_query(node, request.headers.get(HEADER)):
+            raise ApiError(401, f"a credit statement is for its node only: sign the query with the node's key "
+                           f"(header {HEADER}; `mesh node credits` does this)", code="invalid_node_signature")
+        totals = {state: {"requests": t.requests, "tokens": t.tokens, "credits": round(t.credits, 6)}
+                  for state, t in self.s.ledger.node_totals(node).items()}
+        entry = getattr(getattr(self.s.backend, "host", None), "peer_id", None)  # receipts name it
+        return JSONResponse({"node": node, "entry": entry, "totals": totals,
+                             "requests": self.s.ledger.node_requests(node, limit=10_000)})
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "nodes": len(self.s.backend.nodes_view()),
+                             "models": len(self.s.backend.models())})
+
+    async def metrics(self, request: Request) -> Response:
+        models = self.s.backend.models()
+        self.ins.model_nodes.clear()  # models that left the mesh drop out
+        for m in models:
+            self.ins.model_nodes.set(m.nodes, model=m.id)
+        try:
+            extra = self.s.backend.metrics()
+        except Exception:  # noqa: BLE001 - the entry's own metrics still matter
+            log.exception("backend metrics failed")
+            extra = {}
+        return PlainTextResponse(self.s.metrics.render(extra), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # --- web chat -----------------------------------------------------------------------------
+
+    async def webchat_index(self, request: Request) -> Response:
+        return self._static("index.html")
+
+    async def webchat_file(self, request: Request) -> Response:
+        return self._static(request.path_params["name"])
+
+    def _static(self, name: str) -> Response:
+        data = self.webchat.get(name)
+        if data is None:
+            raise ApiError(404, f"no such file: {name}", code="unknown_url")
+        return Response(data, media_type=_WEBCHAT_TYPES[Path(name).suffix], headers=_WEBCHAT_HEADERS)
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404:
+        err = ApiError(404, f"unknown URL: {request.method} {request.url.path}", code="unknown_url")
+    elif exc.status_code == 405:
+        err = ApiError(405, f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed",
+                       headers=dict(exc.headers or {}))
+    else:
+        err = ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+    return error_response(err)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises after this answer, so the server logs the traceback once.
+    return error_response(ApiError(500, "internal error in the entry", type="server_error", code="internal_error"))
+
+
+def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, limits: RateLimits, metrics: Metrics,
+               max_body_bytes: int = 1_000_000, ledger=None) -> Starlette:
+    """The entry's ASGI app. Without open_mode every /v1 route needs a key from `keys`;
+    /, /health and /metrics are open (they show no user data). /v1/mesh/credits/{node}
+    needs the node's own signature instead, in any mode."""
+    if not open_mode and keys is None:
+        raise ValueError("an entry that is not in open mode needs an ApiKeyStore")
+    h = _Handlers(_Settings(backend, keys, open_mode, limits, metrics, max_body_bytes, int(time.time()), ledger))
+    routes = [
+        Route("/", h.webchat_index, methods=["GET"]),
+        Route("/webchat/{name}", h.webchat_file, methods=["GET"]),
+        Route("/health", h.health, methods=["GET"]),
+        Route("/metrics", h.metrics, methods=["GET"]),
+        Route("/v1/models", h.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", h.get_model, methods=["GET"]),
+        Route("/v1/chat/completions", h.chat, methods=["POST"]),
+        Route("/v1/completions", h.completions, methods=["POST"]),
+        Route("/v1/mesh/nodes", h.nodes, methods=["GET"]),
+        Route("/v1/mesh/credits/{node}", h.credits, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_RequestMetrics, instruments=h.ins)],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
+    )
+
+
+async def serve_api(app, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `app` until cancelled; `task_status.started(port)` reports the bound port
+    (useful with port 0)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None  # no per-request log line with client addresses
+    config.include_server_header = False
+    config.graceful_timeout = 3.0
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))

@@ -1,0 +1,299 @@
+"""OpenAI request bodies -> validated generation plans.
+
+Only the fields generation needs are copied into a GenerationSpec, one by one: nothing from
+the request (the `user` field, message `name`s, metadata) or from the connection can reach a
+node by accident.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from entry.backend import GenerationSpec
+from protocol.messages import (
+    MAX_MESSAGES,
+    MAX_STOP,
+    MAX_STOP_LEN,
+    MAX_TEXT,
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_LOGPROBS,
+    ChatMessage,
+    SamplingParams,
+)
+
+MAX_CHOICES = 8  # n (times prompts, for /v1/completions): each choice is a full generation
+_SEED_SPACE = 2**63
+# "developer" is what newer OpenAI clients send instead of "system".
+_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass
+class GenerationPlan:
+    """What one API request asks for: one spec per choice, in choice-index order."""
+
+    endpoint: str  # "chat" | "completion"
+    model: str
+    stream: bool
+    include_usage: bool
+    specs: list[GenerationSpec]
+    prompt_of: list[int]  # prompt index of each choice (usage counts each prompt once)
+    logprobs: bool
+    top_logprobs: int
+
+
+# --- field readers: each names the offending parameter in its error ---------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_int(body: dict, key: str, lo: int, hi: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise invalid(f"'{key}' must be an integer between {lo} and {hi}", key)
+    return v
+
+
+def _opt_num(body: dict, key: str, lo: float, hi: float) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
+        raise invalid(f"'{key}' must be a number between {lo:g} and {hi:g}", key)
+    return float(v)
+
+
+def _opt_bool(body: dict, key: str) -> bool | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, bool):
+        raise invalid(f"'{key}' must be true or false", key)
+    return v
+
+
+def _unsupported(body: dict, key: str, what: str, allowed=lambda v: v in (None, False, [], {}, "")) -> None:
+    if not allowed(body.get(key)):
+        raise invalid(f"'{key}' is not supported by this mesh: {what}", key, "unsupported_parameter")
+
+
+def _model(body: dict) -> str:
+    m = body.get("model")
+    if not isinstance(m, str) or not m.strip() or len(m) > 256:
+        raise invalid("'model' must be a model id from /v1/models", "model")
+    return m.strip()
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or len(stops) > MAX_STOP:
+        raise invalid(f"'stop' must be a string or a list of at most {MAX_STOP} strings", "stop")
+    for s in stops:
+        if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_LEN:
+            raise invalid(f"each 'stop' string must have 1-{MAX_STOP_LEN} characters", "stop")
+    return list(stops)
+
+
+def _sampling(body: dict) -> SamplingParams:
+    max_tokens = _opt_int(body, "max_tokens", 1, MAX_TOKENS_LIMIT)
+    # max_completion_tokens is the newer name; it wins when a client sends both.
+    alias = _opt_int(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT)
+    if alias is not None:
+        max_tokens = alias
+    values = {
+        "temperature": _opt_num(body, "temperature", 0.0, 5.0),
+        "top_p": _opt_num(body, "top_p", 0.0, 1.0),
+        "top_k": _opt_int(body, "top_k", 0, 1_000_000),
+        "min_p": _opt_num(body, "min_p", 0.0, 1.0),
+        "repeat_penalty": _opt_num(body, "repeat_penalty", 0.0, 10.0),
+        "repeat_last_n": _opt_int(body, "repeat_last_n", 0, 4096),
+        "presence_penalty": _opt_num(body, "presence_penalty", -2.0, 2.0),
+        "frequency_penalty": _opt_num(body, "frequency_penalty", -2.0, 2.0),
+        "seed": _opt_int(body, "seed", 0, _SEED_SPACE - 1),
+        "max_tokens": max_tokens,
+    }
+    params = SamplingParams(**{k: v for k, v in values.items() if v is not None})
+    params.stop = _stop(body)
+    return params
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = bool(_opt_bool(body, "stream"))
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise invalid("'stream_options' must be an object", "stream_options")
+    return stream, stream and bool(_opt_bool(opts, "include_usage"))
+
+
+def _common_unsupported(body: dict) -> None:
+    _unsupported(body, "logit_bias", "token ids differ between models")
+    _unsupported(body, "tools", "tool calling")
+    _unsupported(body, "functions", "function calling")
+    _unsupported(body, "function_call", "function calling", lambda v: v in (None, "none"))
+    _unsupported(body, "tool_choice", "tool calling", lambda v: v in (None, "none", "auto"))
+    _unsupported(body, "response_format", "only plain text output",
+                 lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
+
+
+def _choice_seeds(params: SamplingParams, n: int) -> list[int | None]:
+    if params.seed is not None:
+        # Consecutive seeds: reproducible, and each choice differs when sampling.
+        return [(params.seed + i) % _SEED_SPACE for i in range(n)]
+    if n > 1 and not params.greedy:
+        # Fresh per request, so it links nothing across requests.
+        return [secrets.randbits(63) for _ in range(n)]
+    return [None] * n
+
+
+def _n(body: dict, prompts: int = 1) -> int:
+    n = _opt_int(body, "n", 1, MAX_CHOICES) or 1
+    if n * prompts > MAX_CHOICES:
+        raise invalid(f"at most {MAX_CHOICES} choices per request (n times prompts)", "n")
+    return n
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+
+def _content(m: dict, i: int, role: str) -> str:
+    c = m.get("content")
+    param = f"messages[{i}].content"
+    if c is None and role == "assistant":
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        parts = []
+        for part in c:
+            if not isinstance(part, dict):
+                raise invalid("content parts must be objects like {\"type\": \"text\", \"text\": \"...\"}", param)
+            kind = part.get("type")
+            if kind != "text":
+                raise invalid(f"content part type {kind!r} is not supported: this mesh serves text-only models", param,
+                              "unsupported_content")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise invalid("a text content part needs a string 'text'", param)
+            parts.append(text)
+        return "\n".join(parts)
+    raise invalid("message content must be a string or a list of text parts", param)
+
+
+def _messages(body: dict) -> list[ChatMessage]:
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise invalid("'messages' must be a non-empty list", "messages")
+    if len(raw) > MAX_MESSAGES:
+        raise invalid(f"at most {MAX_MESSAGES} messages", "messages")
+    out, total = [], 0
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise invalid("each message must be an object with 'role' and 'content'", f"messages[{i}]")
+        role = _ROLE_ALIASES.get(m.get("role")) if isinstance(m.get("role"), str) else None
+        if role is None:
+            raise invalid(f"messages[{i}].role must be one of system, developer, user, assistant, tool",
+                          f"messages[{i}].role")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise invalid("tool calls are not supported by this mesh", f"messages[{i}].tool_calls", "unsupported_parameter")
+        content = _content(m, i, role)
+        total += len(content)
+        # Only role and text go on: a message's `name` can identify a person.
+        out.append(ChatMessage(role, content))
+    if total > MAX_TEXT:
+        raise invalid(f"the messages hold more than {MAX_TEXT} characters", "messages", "context_length_exceeded")
+    return out
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    """A copy for one choice of the request, with that choice's seed."""
+    return SamplingParams(**{**params.to_wire(), "seed": seed, "stop": list(params.stop)})
+
+
+def parse_chat(body: dict) -> GenerationPlan:
+    model = _model(body)
+    messages = _messages(body)
+    params = _sampling(body)
+    stream, include_usage = _stream_flags(body)
+    _common_unsupported(body)
+    logprobs = bool(_opt_bool(body, "logprobs"))
+    top = _opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    n = _n(body)
+    specs = []
+    for seed in _choice_seeds(params, n):
+        specs.append(GenerationSpec(model=model, kind="chat", params=_with_seed(params, seed), messages=list(messages),
+                                    logprobs=logprobs, top_logprobs=top or 0))
+    return GenerationPlan("chat", model, stream, include_usage, specs, [0] * n, logprobs, top or 0)
+
+
+# --- completions ---------------------------------------------------------------------------------
+
+
+def _prompts(body: dict) -> list[str]:
+    p = body.get("prompt")
+    prompts = [p] if isinstance(p, str) else p
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) for x in prompts):
+        raise invalid("'prompt' must be a string or a list of strings (token ids are not supported)", "prompt")
+    if sum(len(x) for x in prompts) > MAX_TEXT:
+        raise invalid(f"the prompt holds more than {MAX_TEXT} characters", "prompt", "context_length_exceeded")
+    return prompts
+
+
+def parse_completion(body: dict) -> GenerationPlan:
+    model = _model(body)
+    prompts = _prompts(body)
+    params = _sampling(body)
+    stream, include_usage = _stream_flags(body)
+    _common_unsupported(body)
+    _unsupported(body, "echo", "echoing the prompt")
+    _unsupported(body, "suffix", "insertion")
+    lp = body.get("logprobs")
+    if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_TOP_LOGPROBS):
+        raise invalid(f"'logprobs' must be an integer between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
+    n = _n(body, len(prompts))
+    best_of = body.get("best_of")
+    if best_of is not None and best_of not in (1, n):
+        raise invalid("'best_of' other than n is not supported", "best_of", "unsupported_parameter")
+    specs, prompt_of = [], []
+    seeds = _choice_seeds(params, n)
+    for pi, prompt in enumerate(prompts):
+        for seed in seeds:
+            specs.append(GenerationSpec(model=model, kind="completion", params=_with_seed(params, seed), prompt=prompt,
+                                        logprobs=lp is not None, top_logprobs=lp or 0))
+            prompt_of.append(pi)
+    return GenerationPlan("completion", model, stream, include_usage, specs, prompt_of, lp is not None, lp or 0)

@@ -1,0 +1,214 @@
+"""Backend events -> OpenAI response objects (chat.completion, text_completion, chunks).
+
+Each choice accumulates in a ChoiceState; the builders only read it, so the streaming and
+non-streaming paths produce the same text, logprobs and usage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from entry.backend import DoneEvent, ModelEntry, TokenEvent
+
+_BAD_LOGPROB = -9999.0  # what OpenAI reports for an unrepresentable logprob
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {dumps(obj)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class TokenLogprob:
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+def _lp(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return _BAD_LOGPROB
+    return f if math.isfinite(f) else _BAD_LOGPROB
+
+
+def token_logprobs(ev: TokenEvent, k: int) -> list[TokenLogprob]:
+    """Per-token logprobs of an event. Alternatives come as (id, logprob) or
+    (id, logprob, text); without a text, an alternative that is the chosen token borrows its
+    text and any other shows as <token ID>, since the entry holds no tokenizer."""
+    if ev.logprobs is None:
+        return []
+    out = []
+    texts = ev.token_texts or []
+    for i, tid in enumerate(ev.ids):
+        if i < len(texts):
+            text = texts[i]
+        else:
+            text = ev.text if len(ev.ids) == 1 else ""
+        top = []
+        alts = ev.top_logprobs[i] if ev.top_logprobs and i < len(ev.top_logprobs) else []
+        for alt in alts[:k]:
+            aid, alp = alt[0], alt[1]
+            atext = alt[2] if len(alt) > 2 and isinstance(alt[2], str) else (text if aid == tid else f"<token {aid}>")
+            top.append((atext, _lp(alp)))
+        out.append(TokenLogprob(text, _lp(ev.logprobs[i] if i < len(ev.logprobs) else None), top))
+    return out
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    prompt_index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tokens: int = 0  # ids seen, in case the generation never finishes
+    done: DoneEvent | None = None
+    text_offset: int = 0  # characters of token text so far (completion logprobs)
+
+    def add(self, ev: TokenEvent, k: int) -> list[TokenLogprob]:
+        self.tokens += len(ev.ids)
+        self.text.append(ev.text)
+        lps = token_logprobs(ev, k)
+        self.logprobs.extend(lps)
+        return lps
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.done.completion_tokens if self.done else self.tokens
+
+
+def usage(states: list[ChoiceState]) -> dict:
+    prompt: dict[int, int] = {}
+    for s in states:
+        if s.done:
+            prompt[s.prompt_index] = max(prompt.get(s.prompt_index, 0), s.done.prompt_tokens)
+    p = sum(prompt.values())
+    c = sum(s.completion_tokens for s in states)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def mesh_extra(dones: list[DoneEvent | None]) -> dict:
+    """The non-standard `mesh` field: which kinds of node served the answer."""
+    parts, failovers = [], 0
+    for d in dones:
+        if d is None:
+            continue
+        failovers += d.failovers
+        parts.extend({"node": p.node, "kind": p.kind, "completion_tokens": p.completion_tokens} for p in d.served_by)
+    return {"served_by": parts, "failovers": failovers}
+
+
+def chat_logprobs(lps: list[TokenLogprob]) -> dict:
+    def item(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(t.text, t.logprob), "top_logprobs": [item(a, b) for a, b in t.top]} for t in lps],
+            "refusal": None}
+
+
+def completion_logprobs(lps: list[TokenLogprob], start_offset: int) -> dict:
+    offsets, pos = [], start_offset
+    for t in lps:
+        offsets.append(pos)
+        pos += len(t.text)
+    return {
+        "tokens": [t.text for t in lps],
+        "token_logprobs": [t.logprob for t in lps],
+        "top_logprobs": [dict(t.top) for t in lps],
+        "text_offset": offsets,
+    }
+
+
+def model_object(e: ModelEntry, fallback_created: int) -> dict:
+    return {
+        "id": e.id,
+        "object": "model",
+        "created": e.created or fallback_created,
+        "owned_by": "mesh",
+        "nodes": e.nodes,
+        "sha256": e.sha256,
+        "context_length": e.context_size,
+        "name": e.name,
+        "quantization": e.quantization,
+    }
+
+
+class ResponseBuilder:
+    """Shapes one request's objects; `endpoint` is "chat" or "completion"."""
+
+    def __init__(self, endpoint: str, response_id: str, created: int, model: ModelEntry, include_usage: bool):
+        self.endpoint = endpoint
+        self.id = response_id
+        self.created = created
+        self.model = model.id
+        self.fingerprint = "fp_" + model.sha256[:12] if model.sha256 else None
+        self.include_usage = include_usage
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
+
+    def _chunk(self, choice: dict) -> dict:
+        obj = self._head("chat.completion.chunk" if self.endpoint == "chat" else "text_completion")
+        obj["choices"] = [choice]
+        if self.include_usage:
+            obj["usage"] = None  # as OpenAI does: only the extra last chunk carries usage
+        return obj
+
+    def role_chunk(self, index: int) -> dict:
+        return self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None})
+
+    def token_chunk(self, state: ChoiceState, ev: TokenEvent, lps: list[TokenLogprob], want_logprobs: bool) -> dict | None:
+        if not ev.text and not lps:
+            return None  # a token that ends mid-character: its text comes with the next one
+        if self.endpoint == "chat":
+            return self._chunk({"index": state.index, "delta": {"content": ev.text},
+                                "logprobs": chat_logprobs(lps) if want_logprobs else None, "finish_reason": None})
+        lp = completion_logprobs(lps, state.text_offset) if want_logprobs else None
+        state.text_offset += sum(len(t.text) for t in lps)
+        return self._chunk({"index": state.index, "text": ev.text, "logprobs": lp, "finish_reason": None})
+
+    def final_chunk(self, state: ChoiceState) -> dict:
+        if self.endpoint == "chat":
+            choice = {"index": state.index, "delta": {}, "logprobs": None, "finish_reason": state.done.finish_reason}
+        else:
+            choice = {"index": state.index, "text": "", "logprobs": None, "finish_reason": state.done.finish_reason}
+        obj = self._chunk(choice)
+        obj["mesh"] = mesh_extra([state.done])
+        return obj
+
+    def usage_chunk(self, states: list[ChoiceState]) -> dict:
+        obj = self._head("chat.completion.chunk" if self.endpoint == "chat" else "text_completion")
+        obj["choices"] = []
+        obj["usage"] = usage(states)
+        obj["mesh"] = mesh_extra([s.done for s in states])
+        return obj
+
+    def response(self, states: list[ChoiceState], want_logprobs: bool) -> dict:
+        choices = []
+        for s in states:
+            text = "".join(s.text)
+            if self.endpoint == "chat":
+                choices.append({"index": s.index, "message": {"role": "assistant", "content": text, "refusal": None},
+                                "logprobs": chat_logprobs(s.logprobs) if want_logprobs else None,
+                                "finish_reason": s.done.finish_reason})
+            else:
+                choices.append({"index": s.index, "text": text,
+                                "logprobs": completion_logprobs(s.logprobs, 0) if want_logprobs else None,
+                                "finish_reason": s.done.finish_reason})
+        obj = self._head("chat.completion" if self.endpoint == "chat" else "text_completion")
+        obj["choices"] = choices
+        obj["usage"] = usage(states)
+        obj["mesh"] = mesh_extra([s.done for s in states])
+        return obj

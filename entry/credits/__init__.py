@@ -1,0 +1,1 @@
+"""Credits: the SQLite ledger with escrow and vesting (`ledger`) and its CLI (`cli`)."""

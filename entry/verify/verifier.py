@@ -1,0 +1,336 @@
+"""Output verification at the entry, and the bookkeeping each finished generation triggers.
+
+For every finished generation (MeshBackend's `on_generation_done`, or a canary probe):
+1. cheap structural checks that need no model (a "length" finish far short of max_tokens);
+2. credits are booked: each node of the failover chain gets the tokens it delivered, the last
+   one only against its accepted receipt; held in escrow (entry/credits/ledger.py);
+3. a sample of generations (all canaries) is queued for re-scoring: our own llama.cpp replays
+   prompt + every claimed token in one prefill and entry/verify/stats.py judges each node's
+   part (the parts before it are its context, exactly what the node was given);
+4. verdicts settle the escrow (failed -> withheld), move reputation and may demote the node
+   (entry/mesh/view.py), and are counted in metrics and shown in /v1/mesh/nodes.
+
+Sampling: `rate` of the requests of established nodes, `new_rate` until a node has passed
+`new_until` checks, `suspicious_rate` while it has fewer than `calm_after` passes per failed
+check. A generation is checked if any of its nodes draws it.
+
+Privacy: the prompt stays in this process, in memory, until its check ran; it never goes to
+another node. Cost: the replay is one prefill on `n_threads` (default 1) in a worker thread
+behind the engine's lock, queued, so a burst waits instead of slowing the API; when the queue
+is full the sample is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from engine.llama import BadRequest, Engine
+from engine.textstream import TextStream
+from entry.credits.ledger import Ledger, PartCredit, model_weight
+from entry.mesh.relay import GenerationRecord
+from entry.verify import stats as vs
+
+log = logging.getLogger("mesh.entry.verifier")
+
+
+@dataclass
+class VerifierConfig:
+    rate: float = 0.15
+    new_rate: float = 1.0
+    new_until: int = 10
+    suspicious_rate: float = 1.0
+    calm_after: int = 10
+    max_queue: int = 64
+    n_threads: int = 1
+    n_ctx: int = 4096
+    # A node must accept generations of at least this many tokens: a "length" finish shorter
+    # than min(max_tokens, this) with context to spare is a truncated output. (Adverts do not
+    # carry a node's own --max-tokens cap, so beyond this the entry cannot tell.)
+    length_floor: int = 256
+    vest_interval: float = 60.0
+
+
+@dataclass
+class Verdict:
+    request_id: str
+    node: str  # peer id
+    pseudonym: str
+    model_sha256: str
+    passed: bool
+    reason: str
+    tokens: int
+    rescored: bool  # re-scored with the model (False: a structural check only)
+    canary: bool = False
+    max_deviation: float | None = None
+    pvalue: float | None = None
+    soft_violations: int = 0  # tokens deviating more than verify_stats.SOFT
+
+
+@dataclass
+class VerifyModel:
+    engine: Engine
+    sha256: str
+    weight: float
+    end_ids: list[int]
+
+
+@dataclass
+class _Outcome:
+    """What a re-score produced; metrics are counted from it in the trio thread (the
+    registry is not thread-safe)."""
+
+    verdicts: list[Verdict]
+    seconds: float = 0.0
+    tokens: int = 0
+    skipped: str = ""
+
+
+@dataclass
+class _Job:
+    record: GenerationRecord
+    model: VerifyModel
+    skip: set[str] = field(default_factory=set)  # nodes already failed by a structural check
+
+
+class Verifier:
+    def __init__(self, *, view=None, ledger: Ledger | None = None, metrics=None, config: VerifierConfig | None = None,
+                 rng: random.Random | None = None):
+        self.view = view
+        self.ledger = ledger
+        self.config = config or VerifierConfig()
+        self.models: dict[str, VerifyModel] = {}
+        self.verdicts: deque[Verdict] = deque(maxlen=1000)  # the latest, for tests and inspection
+        self._rng = rng or random.SystemRandom()
+        self._send, self._recv = trio.open_memory_channel(self.config.max_queue)
+        self._limiter = trio.CapacityLimiter(1)
+        self._busy = 0  # jobs queued or running
+        self._idle = trio.Event()
+        self._idle.set()
+        self.seconds = 0.0  # spent re-scoring
+        self._metrics(metrics)
+
+    def _metrics(self, m) -> None:
+        from entry.api.metrics import Metrics
+
+        m = m or Metrics()
+        self.m_checks = m.counter("mesh_verify_checks_total", "Verification verdicts by outcome and kind", ("outcome", "kind"))
+        self.m_failures = m.counter("mesh_verify_failures_total", "Failed verifications by reason", ("reason",))
+        self.m_skipped = m.counter("mesh_verify_skipped_total", "Sampled generations not re-scored", ("why",))
+        self.m_tokens = m.counter("mesh_verify_tokens_total", "Tokens re-scored by the verifier")
+        self.m_seconds = m.counter("mesh_verify_seconds_total", "Seconds spent re-scoring")
+        self.m_credits = m.counter("mesh_credits_booked_total", "Credits booked (held in escrow first)")
+        self.m_queue = m.gauge("mesh_verify_queue", "Generations waiting to be re-scored")
+        self.m_queue.set(0)
+
+    # -- models -------------------------------------------------------------------------------
+
+    def load_model(self, path: str | Path) -> VerifyModel:
+        """Load a GGUF to verify with (blocking: call from a thread at start)."""
+        engine = Engine(path, n_ctx=self.config.n_ctx, n_threads=self.config.n_threads)
+        n_params = int(engine._lc.llama_model_n_params(engine._llm.model))
+        end_ids = [t for t in range(engine.n_vocab) if engine.is_end(t)]
+        model = VerifyModel(engine, engine.info.sha256, model_weight(n_params), end_ids)
+        self.models[model.sha256] = model
+        log.info("verifying model", extra={"model": engine.info.name, "sha256": model.sha256[:16], "weight": round(model.weight, 4)})
+        return model
+
+    def weight(self, sha256: str) -> float:
+        m = self.models.get(sha256)
+        return m.weight if m is not None else model_weight(None)
+
+    def close(self) -> None:
+        for m in self.models.values():
+            m.engine.close()
+
+    # -- sampling policy -----------------------------------------------------------------------
+
+    def rate_for(self, node_state) -> float:
+        c = self.config
+        if node_state is None:
+            return c.new_rate
+        if node_state.verify_failed and node_state.verified < c.calm_after * node_state.verify_failed:
+            return c.suspicious_rate
+        if node_state.model_sha256 in node_state.demoted:
+            return c.suspicious_rate
+        if node_state.verified < c.new_until:
+            return c.new_rate
+        return c.rate
+
+    def _state(self, peer_id: str):
+        if self.view is None:
+            return None
+        return next((n for n in self.view.all_nodes() if n.peer_id == peer_id), None)
+
+    # -- a finished generation -------------------------------------------------------------------
+
+    def on_generation_done(self, record: GenerationRecord) -> None:
+        """Book, check structure, and maybe queue a re-score. Called in the trio thread."""
+        req = record.request
+        model = self.models.get(req.model_sha256)
+        structural = self._structural(record)
+        sampled = model is not None and (record.canary or any(
+            self._rng.random() < self.rate_for(self._state(p.node)) for p in record.parts))
+        queued = False
+        if sampled:
+            try:
+                self._send.send_nowait(_Job(record, model, set(structural)))
+                queued = True
+                self._busy += 1
+                self._idle = trio.Event() if self._idle.is_set() else self._idle
+                self.m_queue.inc()
+            except trio.WouldBlock:
+                self.m_skipped.inc(why="queue_full")
+        if self.ledger is not None:
+            parts = [PartCredit(p.node, len(p.ids) if (p.receipt is not None or not p.finished) else 0,
+                                p.receipt.blob if p.receipt is not None else None) for p in record.parts]
+            weight = self.weight(req.model_sha256)
+            booked = self.ledger.book(req.request_id, req.model_sha256, parts, weight=weight, pending=queued,
+                                      canary=record.canary)
+            if booked:
+                self.m_credits.inc(sum(p.tokens for p in parts) * weight)
+        for part in record.parts:
+            if part.node in structural:
+                self._apply(record, Verdict(req.request_id, part.node, part.pseudonym, req.model_sha256, False,
+                                            structural[part.node], len(part.ids), False, record.canary))
+
+    def _structural(self, record: GenerationRecord) -> dict[str, str]:
+        """Failures visible without the model: {node: reason}."""
+        req, last = record.request, record.parts[-1]
+        n = len(record.ids)
+        if record.finish_reason == "length":
+            ctx = last.context_size or 1 << 30
+            short = n < min(req.params.max_tokens, self.config.length_floor)
+            if short and record.prompt_tokens + n < ctx - 1:
+                return {last.node: "truncated"}
+        return {}
+
+    # -- re-scoring ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The worker (and the vesting clock): start with `await nursery.start(verifier.run)`."""
+        async with trio.open_nursery() as nursery:
+            if self.ledger is not None:
+                nursery.start_soon(self._vest_loop)
+            task_status.started()
+            async for job in self._recv:
+                try:
+                    outcome = await trio.to_thread.run_sync(self._check, job, limiter=self._limiter)
+                except Exception:
+                    log.exception("verification failed to run")
+                    outcome = _Outcome([], skipped="error")
+                finally:
+                    self._busy -= 1
+                    self.m_queue.dec()
+                verdicts = outcome.verdicts
+                if outcome.skipped:
+                    self.m_skipped.inc(why=outcome.skipped)
+                self.seconds += outcome.seconds
+                self.m_seconds.inc(outcome.seconds)
+                self.m_tokens.inc(outcome.tokens)
+                for v in verdicts:
+                    self._apply(job.record, v)
+                if not verdicts and self.ledger is not None:
+                    self.ledger.abandon(job.record.request.request_id)
+                if self._busy == 0:
+                    self._idle.set()
+
+    async def _vest_loop(self) -> None:
+        while True:
+            try:
+                self.ledger.vest_due()
+            except Exception:
+                log.exception("vesting failed")
+            await trio.sleep(self.config.vest_interval)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Until every queued check ran (tests, shutdown); False on timeout."""
+        with trio.move_on_after(timeout):
+            while self._busy:
+                await self._idle.wait()
+            return True
+        return False
+
+    def check(self, record: GenerationRecord) -> list[Verdict]:
+        """Re-score a record now, in this thread (benchmarks and tests; no bookkeeping)."""
+        return self._check(_Job(record, self.models[record.request.model_sha256])).verdicts
+
+    def _check(self, job: _Job) -> _Outcome:
+        """Blocking: runs in a worker thread."""
+        t0 = time.perf_counter()
+        rec, model = job.record, job.model
+        eng, req, params = model.engine, rec.request, rec.request.params
+        ids = rec.ids
+        n = len(ids)
+        try:
+            prompt = eng.prompt_tokens(req)
+            if len(prompt) + n + 1 > eng.n_ctx:
+                raise BadRequest("longer than the verifier's context")
+        except BadRequest as e:
+            log.info("generation cannot be verified here", extra={"request": req.request_id, "why": str(e)[:100]})
+            return _Outcome([], skipped="too_long")
+        if params.temperature > 0 and params.seed is None:
+            return _Outcome([], skipped="no_seed")  # cannot happen: build_request always sets one
+        u = vs.draws(params.seed, n + 1) if params.temperature > 0 else None
+        checkers, owner, start = [], [], 0
+        for k, part in enumerate(rec.parts):
+            checkers.append(vs.PartChecker(params, prompt + ids[:start], u, start))
+            owner += [k] * len(part.ids)
+            start += len(part.ids)
+        end_row: dict[str, float] = {}
+
+        def consume(i: int, row) -> None:
+            if i < n:
+                checkers[owner[i]].add(row, ids[i])
+            elif rec.finish_reason == "stop":
+                end_row["dev"] = vs.end_deviation(row, params, prompt + ids, None if u is None else float(u[n]), model.end_ids)
+
+        eng.replay(prompt, ids, consume)
+        checks = [c.finish() for c in checkers]
+        last = len(rec.parts) - 1
+        end_problem = self._end_problem(eng, rec, prompt, end_row.get("dev"))
+        if checks[last].ok and end_problem:
+            checks[last].ok, checks[last].reason = False, end_problem
+        for k, part in enumerate(rec.parts):
+            if checks[k].ok and any(eng.is_end(t) for t in part.ids):
+                checks[k].ok, checks[k].reason = False, "ran_past_end"
+        verdicts = [Verdict(req.request_id, p.node, p.pseudonym, req.model_sha256, c.ok, c.reason, len(p.ids), True,
+                            rec.canary, round(c.max_deviation, 4), c.pvalue, c.soft_violations)
+                    for p, c in zip(rec.parts, checks) if p.node not in job.skip]
+        return _Outcome(verdicts, time.perf_counter() - t0, n)
+
+    def _end_problem(self, eng: Engine, rec: GenerationRecord, prompt: list[int], end_dev: float | None) -> str:
+        """Does the way the generation ended hold up? '' if so."""
+        if rec.prompt_tokens != len(prompt):
+            return "prompt_mismatch"  # it did not run our tokenizer on our request
+        if rec.finish_reason != "stop":
+            return ""
+        stream = TextStream(eng.request_stops(rec.request))
+        ids = rec.ids
+        for i, t in enumerate(ids):
+            stream.push(eng.token_bytes(t))
+            if stream.stopped:
+                return "" if i == len(ids) - 1 else "ran_past_stop"
+        # No stop string: the model itself must have ended here.
+        return "" if end_dev is not None and end_dev <= vs.HARD else "early_stop"
+
+    # -- verdicts -------------------------------------------------------------------------------
+
+    def _apply(self, record: GenerationRecord, v: Verdict) -> None:
+        self.verdicts.append(v)
+        kind = "canary" if v.canary else ("rescored" if v.rescored else "structural")
+        self.m_checks.inc(outcome="passed" if v.passed else "failed", kind=kind)
+        if not v.passed:
+            self.m_failures.inc(reason=v.reason)
+            log.warning("verification failed", extra={"node": v.pseudonym, "reason": v.reason, "tokens": v.tokens,
+                                                      "max_deviation": v.max_deviation, "canary": v.canary})
+        if self.ledger is not None:
+            self.ledger.settle_verification(v.request_id, {v.node: (v.passed, v.reason)})
+        if self.view is not None:
+            self.view.record_verdict(v.node, v.model_sha256, v.passed, v.reason)

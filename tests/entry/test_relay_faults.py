@@ -1,0 +1,237 @@
+"""Backend failover and settlement against in-process nodes with injected faults.
+
+Real NodeServices on real llama.cpp (the endless random model), reached through a fake host;
+a fault sits between entry and node and strikes at an exact token, so every path is
+deterministic and fast."""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing, asynccontextmanager
+
+import pytest
+import trio
+
+from entry.backend import GenerationSpec, InvalidGeneration, MeshUnavailable, TokenEvent, UnknownModel
+from entry.mesh.relay import MeshBackend, MeshBackendConfig, open_mesh_backend
+from entry.mesh.view import MeshView
+from protocol.identity import Identity
+from tests.support.endless_model import write_endless_llama
+from tests.support.mesh_fakes import FakeHost, add_node, faulty
+from tests.support.mesh_nodes import collect, completion_spec
+from tests.support.node_harness import make_service
+from transport.host import open_mesh_host
+
+N = 120
+PROMPT = "Once upon a time"
+CONFIG = MeshBackendConfig(first_token_timeout=10.0, token_timeout=0.5, admission_wait=0.3)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_endless_llama(tmp_path_factory.mktemp("endless") / "tiny.gguf")
+
+
+@asynccontextmanager
+async def mesh(config: MeshBackendConfig = CONFIG):
+    async with trio.open_nursery() as nursery:
+        host = FakeHost(nursery)
+        view = MeshView(host)
+        yield nursery, host, view, MeshBackend(host, view, config=config)
+        nursery.cancel_scope.cancel()
+
+
+async def reference(model, spec: GenerationSpec) -> list[int]:
+    async with mesh() as (nursery, host, view, backend):
+        add_node(host, view, make_service(model))
+        ids, _, done = await collect(backend, spec)
+        assert done.failovers == 0
+        return ids
+
+
+@pytest.mark.parametrize("mode", ["die", "silent", "error", "extra"])
+async def test_failure_mid_stream_continues_on_another_node(model, mode):
+    expected = await reference(model, completion_spec("tiny", PROMPT, N))
+    async with mesh() as (nursery, host, view, backend):
+        bad = add_node(host, view, make_service(model), None)
+        host.handlers[bad.peer_id] = faulty(make_service(model), nursery, mode, after=5)
+        good = add_node(host, view, make_service(model))
+        bad.reputation, good.reputation = 0.9, 0.5  # the faulty one is picked first
+
+        ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, N))
+        assert ids == expected
+        assert done.failovers == 1 and done.completion_tokens == N and done.finish_reason == "length"
+        assert [p.node for p in done.served_by] == [bad.pseudonym, good.pseudonym]
+        first = N if mode == "extra" else 5
+        assert [p.completion_tokens for p in done.served_by] == [first, N - first]
+        assert host.opened == [bad.peer_id, good.peer_id]
+        assert bad.total_failures == 1 and bad.reputation < 0.9 and not bad.routable(time.monotonic())
+        [receipt] = backend.receipts
+        assert (receipt.node, receipt.completion_tokens) == (good.peer_id, N - first)
+
+
+@pytest.mark.parametrize("mode", ["busy", "leaving", "internal"])
+async def test_refusal_before_any_token_goes_to_another_node(model, mode):
+    async with mesh() as (nursery, host, view, backend):
+        bad = add_node(host, view, make_service(model))
+        host.handlers[bad.peer_id] = faulty(make_service(model), nursery, mode)
+        good = add_node(host, view, make_service(model))
+        bad.reputation = 0.9
+        ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, 16))
+        assert len(ids) == 16 and [p.node for p in done.served_by] == [good.pseudonym]
+        if mode == "busy":  # not its fault: held back briefly, not blamed
+            assert done.failovers == 0 and bad.failures == 0 and bad.reputation == 0.9
+            assert bad.cooldown_until > time.monotonic()
+        elif mode == "leaving":
+            assert done.failovers == 0 and bad.leaving and not bad.live()
+        else:
+            assert done.failovers == 1 and bad.failures == 1
+
+
+async def test_invalid_request_is_not_retried(model):
+    async with mesh() as (nursery, host, view, backend):
+        a, b = add_node(host, view, make_service(model)), add_node(host, view, make_service(model))
+        # The nodes' context is 512 tokens; byte-level tokens make this prompt far longer.
+        with pytest.raises(InvalidGeneration) as err:
+            await collect(backend, completion_spec("tiny", "x" * 2000, 8))
+        assert err.value.code == "context_length_exceeded"
+        assert len(host.opened) == 1  # one node said no; the request itself is at fault
+        assert a.failures == b.failures == 0
+        assert backend.metrics()["mesh_requests_failed_total"] == 1
+
+
+async def test_no_node_left_to_continue_raises_mid_stream(model):
+    async with mesh() as (nursery, host, view, backend):
+        bad = add_node(host, view, make_service(model))
+        host.handlers[bad.peer_id] = faulty(make_service(model), nursery, "die", after=5)
+        got = []
+        with pytest.raises(MeshUnavailable):
+            async with aclosing(backend.generate(completion_spec("tiny", PROMPT, N))) as events:
+                async for ev in events:
+                    got += ev.ids
+        assert len(got) == 5
+
+
+async def test_unreachable_node_is_skipped(model):
+    async with mesh() as (nursery, host, view, backend):
+        gone = add_node(host, view, make_service(model))
+        del host.handlers[gone.peer_id]
+        good = add_node(host, view, make_service(model))
+        gone.reputation = 0.9
+        _, _, done = await collect(backend, completion_spec("tiny", PROMPT, 8))
+        assert [p.node for p in done.served_by] == [good.pseudonym] and done.failovers == 0
+        assert not gone.routable(time.monotonic()) and not gone.connected
+
+
+async def test_bad_receipt_costs_the_node_not_the_user(model):
+    async with mesh() as (nursery, host, view, backend):
+        # The view believes this node is another peer: its receipts are signed by "someone else".
+        impostor = add_node(host, view, make_service(model), peer_id=Identity.generate().peer_id)
+        ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, 16))
+        assert len(ids) == 16 and done.completion_tokens == 16
+        assert list(backend.receipts) == [] and backend.counters.receipts_rejected == 1
+        assert impostor.reputation < 0.5 and impostor.failures == 1
+
+
+async def test_sampling_without_seed_gets_one_and_failover_reproduces_it(model):
+    seen: list = []
+    spec = completion_spec("tiny", PROMPT, N, temperature=0.9)
+    async with mesh() as (nursery, host, view, backend):
+        bad = add_node(host, view, make_service(model))
+        host.handlers[bad.peer_id] = faulty(make_service(model), nursery, "die", after=7, seen=seen)
+        add_node(host, view, make_service(model))
+        bad.reputation = 0.9
+        ids, _, done = await collect(backend, spec)
+        assert done.failovers == 1
+    seed = seen[0]["params"]["seed"]
+    assert isinstance(seed, int)
+    assert ids == await reference(model, completion_spec("tiny", PROMPT, N, temperature=0.9, seed=seed))
+
+
+async def test_slots_are_never_oversubscribed_and_a_request_waits_for_one(model):
+    config = MeshBackendConfig(admission_wait=10.0)
+    async with mesh(config) as (nursery, host, view, backend):
+        node = add_node(host, view, make_service(model))
+        peak = 0
+
+        async def one() -> None:
+            nonlocal peak
+
+            async def watch(ev, ids) -> None:
+                nonlocal peak
+                peak = max(peak, node.in_flight)
+
+            await collect(backend, completion_spec("tiny", PROMPT, 40), watch)
+
+        async with trio.open_nursery() as inner:
+            for _ in range(3):
+                inner.start_soon(one)
+        assert peak == 1 and node.in_flight == 0 and node.served == 3
+
+
+async def test_closing_the_stream_early_cancels_on_the_node(model):
+    async with mesh() as (nursery, host, view, backend):
+        service = make_service(model)
+        node = add_node(host, view, service)
+        async with aclosing(backend.generate(completion_spec("tiny", PROMPT, 400))) as events:
+            first = await events.__anext__()
+            assert isinstance(first, TokenEvent)
+        assert node.in_flight == 0
+        with trio.fail_after(10):
+            while service.admission.free != 1 or service.stats.requests_failed != 1:
+                await trio.sleep(0.01)
+        assert service.stats.tokens_served < 400
+
+
+async def test_empty_mesh_and_errors_pass_through_unwrapped():
+    async with open_mesh_host(Identity.generate()) as host:
+        with pytest.raises(KeyError):  # not an ExceptionGroup around it
+            async with open_mesh_backend(host) as backend:
+                assert backend.models() == [] and backend.nodes_view() == []
+                assert backend.metrics()["mesh_nodes_known"] == 0
+                with pytest.raises(UnknownModel):
+                    await collect(backend, completion_spec("anything", PROMPT, 4))
+                raise KeyError("the caller's own error")
+
+
+async def test_hung_node_is_abandoned_when_its_status_stream_is_lost(model):
+    """The view noticed the node stopped answering status: our silent stream is given up at
+    once instead of after the token timeout."""
+    config = MeshBackendConfig(first_token_timeout=30.0, token_timeout=30.0)
+    async with mesh(config) as (nursery, host, view, backend):
+        bad = add_node(host, view, make_service(model))
+        host.handlers[bad.peer_id] = faulty(make_service(model), nursery, "silent", after=5)
+        add_node(host, view, make_service(model))
+        bad.reputation = 0.9
+        delivered: list[int] = []
+
+        async def status_watcher_gives_up() -> None:
+            while len(delivered) < 5:
+                await trio.sleep(0.01)
+            await trio.sleep(1.2)  # silent for longer than HUNG_AFTER_S
+            view.interrupt(bad)
+
+        async def track(ev, ids) -> None:
+            delivered[:] = ids
+
+        nursery.start_soon(status_watcher_gives_up)
+        with trio.fail_after(10):  # far below the 30 s token timeout
+            ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, N), track)
+        assert done.failovers == 1 and len(ids) == N and done.served_by[0].completion_tokens == 5
+
+
+async def test_lost_status_stream_does_not_abandon_a_node_that_still_streams(model):
+    async with mesh() as (nursery, host, view, backend):
+        node = add_node(host, view, make_service(model))
+        hits = 0
+
+        async def flap() -> None:
+            nonlocal hits
+            for _ in range(50):
+                await trio.sleep(0.003)
+                hits += len(node.interrupts)  # reads in progress that this interrupts
+                view.interrupt(node)
+
+        nursery.start_soon(flap)
+        ids, _, done = await collect(backend, completion_spec("tiny", "Hello", 400))
+        assert len(ids) == 400 and done.failovers == 0 and hits > 0
