@@ -179,10 +179,10 @@ class NodeService:
         if req.params.max_tokens > self.max_tokens:
             req.params.max_tokens = self.max_tokens  # the node's limit, stated in its advert
         try:
-            async with self.admission.slot() as engine:
+            async with self.admission.slot(session.remote) as engine:
                 return await self._generate(session, reader, req, engine)
-        except Busy:
-            await session.send(Error(ERR_BUSY, "all slots are busy and the queue is full", rid, retry_after=1.0))
+        except Busy as e:
+            await session.send(Error(ERR_BUSY, str(e), rid, retry_after=1.0))
             return True
         except Draining:
             await session.send(Error(ERR_LEAVING, "this node is leaving the mesh", rid))
