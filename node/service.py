@@ -19,7 +19,15 @@ import trio
 
 from node.admission import Admission, Busy, Draining
 from protocol.errors import ProtocolError
-from protocol.framing import FrameReader, FrameWriter
+from protocol.framing import (
+    DEFAULT_MAX_FRAME,
+    BufferBudget,
+    BufferFull,
+    FrameReader,
+    FrameStalled,
+    FrameWriter,
+    OversizedFrame,
+)
 from protocol.identity import Identity
 from protocol.messages import (
     ERR_BUSY,
@@ -52,6 +60,39 @@ MAX_TOKENS_PER_FRAME = 32
 # (MAX_TOKENS_PER_FRAME) always leave at once.
 FRAME_INTERVAL_S = 0.02
 
+# What a requester's frames may hold in this node's memory. Requesters send `req`, `cancel`
+# and `status?`; only a request is ever large, and a request that doesn't fit the context is
+# refused anyway. Any real tokenizer turns text into at least one token per few dozen bytes
+# (its longest tokens are runs of spaces or punctuation), so 64 bytes per context token, plus
+# 8 per continuation token id and 64 KiB for the envelope and message framing, admits every
+# request that could fit: 208 KiB at the default 2048-token context, the protocol's 1 MiB
+# limit from about 13,650 tokens up. A larger request is answered context_length_exceeded before
+# its body is read.
+REQUEST_FRAME_BASE = 64 * 1024
+REQUEST_BYTES_PER_TOKEN = 64 + 8
+# All streams together may hold this much in unfinished frames; beyond it a stream is answered
+# busy and closed. An eighth is kept for streams holding little (protocol.framing.SMALL_HOLDING),
+# so status queries, cancels and ordinary requests still get in while big partial frames hold
+# the rest.
+DEFAULT_BUFFER_BUDGET = 64 * 1024 * 1024
+# A frame, once begun, must be complete within this long: a peer stopping mid-frame would
+# otherwise hold its share of the budget for as long as it liked. 15 s asks 14 kB/s of a
+# requester sending the largest request at the default context, 70 kB/s for a 1 MiB one.
+FRAME_STALL_S = 15.0
+# Bound on writing an error to a requester before the stream ends: one that stopped reading
+# must not keep the handler, and the buffers it holds, alive.
+ERROR_SEND_S = 2.0
+BUFFER_WARNING_INTERVAL_S = 10.0
+
+
+def request_frame_limit(context_size: int) -> int:
+    """The largest request frame a node with this context accepts (see REQUEST_BYTES_PER_TOKEN)."""
+    return min(DEFAULT_MAX_FRAME, REQUEST_FRAME_BASE + context_size * REQUEST_BYTES_PER_TOKEN)
+
+
+def buffer_budget(total_bytes: int = DEFAULT_BUFFER_BUDGET) -> BufferBudget:
+    return BufferBudget(total_bytes, reserve=total_bytes // 8)
+
 
 class ByteStream(Protocol):
     async def read(self, n: int) -> bytes: ...
@@ -78,6 +119,7 @@ class Session:
         self.writer = FrameWriter(stream)
         self.lock = trio.Lock()
         self.closed = False
+        self.abort = False  # end with a reset: the peer stalled, nothing it sends matters now
 
     async def send(self, *messages) -> None:
         async with self.lock:
@@ -87,7 +129,8 @@ class Session:
 class NodeService:
     def __init__(self, identity: Identity, admission: Admission, *, model_sha256: str, model_name: str,
                  context_size: int, max_tokens: int, stats: NodeStats | None = None,
-                 on_receipt: Callable[[bytes], None] | None = None):
+                 on_receipt: Callable[[bytes], None] | None = None, buffers: BufferBudget | None = None,
+                 frame_stall_s: float = FRAME_STALL_S):
         self.identity = identity
         self.admission = admission
         self.model_sha256 = model_sha256
@@ -99,6 +142,11 @@ class NodeService:
         # to check the entry's credit statements against.
         self.on_receipt = on_receipt
         self.sessions: set[Session] = set()
+        # Shared by every requester stream's FrameReader: the node's memory for frames in flight.
+        self.buffers = buffers if buffers is not None else buffer_budget()
+        self.request_frame_limit = request_frame_limit(context_size)
+        self.frame_stall_s = frame_stall_s
+        self._buffers_warned_at = float("-inf")
         self.grace_seconds = 0.0
         self.frame_interval = FRAME_INTERVAL_S
         self._live_cancels: set[threading.Event] = set()  # one per running generation
@@ -137,20 +185,29 @@ class NodeService:
                 log.exception("stream handler failed", extra={"peer": _short(remote)})
         finally:
             self.sessions.discard(session)
+            reset = getattr(stream, "reset", None) if session.abort else None
             with trio.move_on_after(1.0) as cs:
                 cs.shield = True
                 try:
-                    await stream.close()
+                    await (reset() if reset is not None else stream.close())
                 except Exception:
                     pass
 
     async def _serve(self, session: Session) -> None:
-        reader = FrameReader(session.stream)
+        guarded = _StallGuard(session.stream, self.frame_stall_s)
+        reader = FrameReader(guarded, max_frame=self.request_frame_limit, budget=self.buffers)
+        guarded.reader = reader
+        try:
+            await self._serve_frames(session, reader)
+        finally:
+            reader.release()  # the stream is done: its buffered bytes go back to the budget
+
+    async def _serve_frames(self, session: Session, reader: FrameReader) -> None:
         while True:
             try:
                 frame = await reader.read_frame()
             except ProtocolError as e:
-                await session.send(Error(ERR_INVALID, str(e)))
+                await self._refuse_frame(session, e)
                 return
             if frame is None:
                 return
@@ -169,6 +226,26 @@ class NodeService:
             else:
                 await session.send(Error(ERR_INVALID, f"a node does not accept {msg.T!r} messages"))
                 return
+
+    async def _refuse_frame(self, session: Session, e: ProtocolError) -> None:
+        """The last word on a stream whose next frame can't be read: the error a requester can
+        act on, sent within ERROR_SEND_S."""
+        if isinstance(e, OversizedFrame) and e.length <= DEFAULT_MAX_FRAME:
+            # Valid for the protocol, too large for this node: what a too-long prompt gets.
+            err = Error(ERR_TOO_LONG, f"a request of {e.length} bytes is more than this node's "
+                        f"{self.context_size}-token context can take (at most {e.limit} bytes)")
+        elif isinstance(e, BufferFull):
+            now = time.monotonic()
+            if now - self._buffers_warned_at >= BUFFER_WARNING_INTERVAL_S:  # a flood must not flood the log
+                self._buffers_warned_at = now
+                log.warning("receive buffers full: refusing streams", extra={
+                    "peer": _short(session.remote), "buffered": self.buffers.used, "refused_so_far": self.buffers.refusals})
+            err = Error(ERR_BUSY, "the node's receive buffers are full", retry_after=1.0)
+        else:
+            session.abort = isinstance(e, FrameStalled)
+            err = Error(ERR_INVALID, str(e))
+        with trio.move_on_after(ERROR_SEND_S):
+            await session.send(err)
 
     async def _run_request(self, session: Session, reader: FrameReader, req: InferRequest) -> bool:
         """Serve one generation. Returns whether the stream may carry more messages."""
@@ -295,9 +372,36 @@ async def _watch_peer(session: Session, reader: FrameReader, run: _RunState, sta
                 break
             if isinstance(msg, StatusQuery):
                 await session.send(status())
-    except Exception:
+    except Exception as e:
+        session.abort = isinstance(e, FrameStalled)
         run.peer_gone = True
     run.cancel.set()
+
+
+class _StallGuard:
+    """A requester's stream as its FrameReader reads it: once a frame has begun, the rest must
+    arrive within `stall_s` or the read raises FrameStalled. Between frames a stream may idle
+    as long as it likes (entries keep status streams open); inside one it holds buffer budget,
+    which a peer stopping mid-frame must not keep."""
+
+    def __init__(self, stream: ByteStream, stall_s: float):
+        self._stream = stream
+        self._stall_s = stall_s
+        self.reader: FrameReader | None = None
+        self._deadline: float | None = None
+        self._frame = -1  # frames_read when the deadline was set: a new frame, a new deadline
+
+    async def read(self, n: int) -> bytes:
+        reader = self.reader
+        if reader is None or not reader.buffered:
+            self._deadline = None
+            return await self._stream.read(n)
+        if self._deadline is None or reader.frames_read != self._frame:
+            self._deadline = trio.current_time() + self._stall_s
+            self._frame = reader.frames_read
+        with trio.move_on_at(self._deadline):
+            return await self._stream.read(n)
+        raise FrameStalled(f"a frame begun {self._stall_s:g} s ago is still incomplete ({reader.buffered} bytes)")
 
 
 class _EngineThread:
