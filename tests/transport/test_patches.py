@@ -516,7 +516,7 @@ async def test_remembered_peer_records_are_bounded(monkeypatch):
     import libp2p.kad_dht.utils as kad_utils
     from libp2p.peer.peerstore import create_signed_peer_record
 
-    monkeypatch.setattr(p2p, "ENVELOPE_CACHE_SIZE", 3)
+    monkeypatch.setattr(patches, "ENVELOPE_CACHE_SIZE", 3)  # the cache reads it at call time
     async with open_mesh_host(Identity.generate()):
         consume = kad_utils.consume_envelope
         for _ in range(5):
