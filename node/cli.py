@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     s.add_argument("--slots", type=int, help="concurrent generations, one llama.cpp context each (default 1)")
     s.add_argument("--queue", type=int, help="requests that may wait for a slot before the node answers busy (default 8)")
     s.add_argument("--max-tokens", type=int, help="longest generation accepted (default 1024)")
+    s.add_argument("--buffer-mb", type=int, help="MiB that requesters' unfinished frames may hold in memory, all "
+                   "streams together (default 64); a stream that would exceed it is answered busy")
     s.add_argument("--listen-host", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="TCP port to listen on (default: any free port)")
     s.add_argument("--bootstrap", action="append", help="multiaddr of a mesh peer to join through (repeatable)")
@@ -51,7 +53,7 @@ def add_parser(sub) -> None:
     add_credits_parser(ns)  # `mesh node credits`
 
 
-_START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "max_tokens", "listen_host", "port",
+_START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
                "log_format", "log_level", "synthetic", "synthetic_rate")
 

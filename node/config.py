@@ -18,6 +18,7 @@ class NodeConfig:
     ctx: int = 2048
     slots: int = 1  # concurrent generations, one llama.cpp context each
     queue: int = 8  # requests waiting for a slot before the node answers "busy"
+    buffer_mb: int = 64  # MiB all requester streams together may hold in unfinished frames
     max_tokens: int = 1024  # longest generation this node accepts
     listen_host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
@@ -53,6 +54,8 @@ class NodeConfig:
             raise ValueError("--slots must be at least 1")
         if self.queue < 0:
             raise ValueError("--queue must be >= 0")
+        if not 1 <= self.buffer_mb <= 65536:
+            raise ValueError("--buffer-mb must be in 1-65536")
         if self.ctx < 64:
             raise ValueError("--ctx must be at least 64")
         if self.max_tokens < 1:

@@ -22,7 +22,7 @@ from node.config import NodeConfig
 from node.control import serve_control
 from node.receipt_log import FILE_NAME as RECEIPTS_FILE
 from node.receipt_log import ReceiptLog
-from node.service import NodeService, NodeStats
+from node.service import NodeService, NodeStats, buffer_budget
 from protocol import INFER_PROTOCOL_ID
 from protocol.identity import Identity
 from protocol.records import CapacityAdvert
@@ -106,7 +106,8 @@ class NodeDaemon:
         self.model_id = cfg.model_name or cfg.synthetic or info.path.name.removesuffix(".gguf")
         self.service = NodeService(self.identity, Admission(engines, cfg.queue), model_sha256=info.sha256,
                                    model_name=self.model_id, context_size=ctx, max_tokens=cfg.max_tokens, stats=self.stats,
-                                   on_receipt=ReceiptLog(cfg.state_path() / RECEIPTS_FILE).append)
+                                   on_receipt=ReceiptLog(cfg.state_path() / RECEIPTS_FILE).append,
+                                   buffers=buffer_budget(cfg.buffer_mb * 1024 * 1024))
 
         from transport.host import open_mesh_host
 
@@ -213,6 +214,7 @@ class NodeDaemon:
                       "architecture": info.architecture, "path": str(info.path), "context_size": svc.context_size},
             "slots": a.total, "active": a.active, "queued": a.queued, "queue_limit": a.queue_limit,
             "draining": a.draining,
+            "buffered_bytes": svc.buffers.used, "buffer_limit": svc.buffers.limit,
             "prefill_tps": self.stats.prefill_tps, "decode_tps": self.stats.decode_tps,
             "requests_served": self.stats.requests_served, "requests_failed": self.stats.requests_failed,
             "tokens_served": self.stats.tokens_served,

@@ -14,11 +14,68 @@ from typing import Any, Protocol
 
 import msgpack
 
-from protocol.errors import FrameTooLarge, MalformedFrame
+from protocol.errors import FrameTooLarge, MalformedFrame, ProtocolError
 
 DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB: a request with a long chat fits, a memory bomb does not
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
+# A reader holding at most this much may draw on a budget's reserve: status queries, cancels
+# and ordinary requests still get through while large partial frames have used up the rest.
+SMALL_HOLDING = 16 * 1024
+
+
+class OversizedFrame(FrameTooLarge):
+    """A peer announced a frame above the reader's limit (refused before reading its body)."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(f"peer announced a {length}-byte frame; the limit is {limit}")
+        self.length = length
+        self.limit = limit
+
+
+class BufferFull(ProtocolError):
+    """Buffering the bytes a peer sent would exceed the budget shared by all streams."""
+
+    code = "buffer_full"
+
+
+class FrameStalled(ProtocolError):
+    """A frame was begun and not finished in time (raised by the reader's stream)."""
+
+    code = "frame_stalled"
+
+
+class BufferBudget:
+    """Bytes that all FrameReaders sharing it may hold for their frames at once.
+
+    A reader buffers a frame until it is complete, so without a shared bound every stream that
+    stops mid-frame pins up to a frame's worth of memory, and a peer opening many streams pins
+    as much as it likes. Readers charge bytes as they arrive (so holding budget costs a peer
+    the bytes it sends, not just a header announcing them) and give them back when the frame
+    is consumed or the reader released. `reserve` bytes are kept for readers holding at most
+    SMALL_HOLDING, so small frames still get through while large ones hold the rest.
+    """
+
+    def __init__(self, limit: int, reserve: int = 0):
+        if limit < 1 or not 0 <= reserve < limit:
+            raise ValueError("a buffer budget needs limit >= 1 and 0 <= reserve < limit")
+        self.limit = limit
+        self.reserve = reserve
+        self.used = 0
+        self.peak = 0  # highest `used` so far, for status and tests
+        self.refusals = 0
+
+    def take(self, n: int, small: bool = False) -> bool:
+        cap = self.limit if small else self.limit - self.reserve
+        if self.used + n > cap:
+            self.refusals += 1
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
 
 
 class ByteStream(Protocol):
@@ -69,21 +126,56 @@ def decode_body(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> dict:
 
 
 class FrameReader:
-    """Reads frames from a ByteStream with buffering: one stream read serves many frames."""
+    """Reads frames from a ByteStream with buffering: one stream read serves many frames.
 
-    def __init__(self, stream: ByteStream, max_frame: int = DEFAULT_MAX_FRAME, read_size: int = 65536):
+    With a budget the reader reads exactly the frame it is on (no read-ahead), charges every
+    byte to the budget as it arrives (BufferFull when it can't) and gives it back once the
+    frame is consumed, so it holds at most one frame (max_frame plus its 4-byte header);
+    release() gives its share back when the stream is done.
+    """
+
+    def __init__(self, stream: ByteStream, max_frame: int = DEFAULT_MAX_FRAME, read_size: int = 65536,
+                 budget: BufferBudget | None = None):
         self._read = stream.read
         self._buf = bytearray()
         self.max_frame = max_frame
         self._read_size = read_size
+        self._budget = budget
+        self._held = 0  # bytes charged to the budget: len(self._buf) while a budget is set
+        self.frames_read = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame (non-zero: a frame has begun)."""
+        return len(self._buf)
 
     async def _fill(self, need: int) -> bool:
         while len(self._buf) < need:
-            chunk = await self._read(max(self._read_size, need - len(self._buf)))
+            missing = need - len(self._buf)
+            chunk = await self._read(missing if self._budget is not None else max(self._read_size, missing))
             if not chunk:
                 return False
+            if self._budget is not None:
+                holding = len(self._buf) + len(chunk)
+                if not self._budget.take(len(chunk), small=holding <= SMALL_HOLDING):
+                    raise BufferFull(f"no buffer space for {holding} bytes of a frame "
+                                     f"({self._budget.used} of {self._budget.limit} bytes in use)")
+                self._held = holding
             self._buf += chunk
         return True
+
+    def _consume(self, n: int) -> None:
+        del self._buf[:n]
+        if self._budget is not None:
+            self._budget.give(n)
+            self._held -= n
+
+    def release(self) -> None:
+        """Drop whatever is buffered and return its budget; the reader is done."""
+        self._buf = bytearray()
+        if self._budget is not None and self._held:
+            self._budget.give(self._held)
+            self._held = 0
 
     def frame_ready(self) -> bool:
         """Whether read_frame() would return (or fail) without reading from the stream: a
@@ -101,11 +193,12 @@ class FrameReader:
             return None
         (length,) = _HEADER.unpack_from(self._buf)
         if length > self.max_frame:
-            raise FrameTooLarge(f"peer announced a {length}-byte frame; the limit is {self.max_frame}")
+            raise OversizedFrame(length, self.max_frame)
         if not await self._fill(HEADER_SIZE + length):
             raise MalformedFrame("stream ended inside a frame")
         body = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
-        del self._buf[: HEADER_SIZE + length]
+        self._consume(HEADER_SIZE + length)
+        self.frames_read += 1
         return decode_body(body, self.max_frame)
 
 

@@ -18,8 +18,9 @@ import libp2p.network.swarm as _swarm_mod
 import libp2p.stream_muxer.yamux.yamux as _yamux_mod
 import libp2p.transport.tcp.tcp as _tcp_mod
 import trio
-from libp2p.abc import INotifee
+from libp2p.abc import IMuxedConn, INotifee
 from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.exceptions import StreamEOF
 
 log = logging.getLogger("mesh.p2p")
@@ -117,10 +118,103 @@ def apply_global_workarounds() -> None:
     # verify the same way, so verified envelopes are remembered; a bad one is never cached.
     if not getattr(_kad_utils_mod.consume_envelope, "_mesh_memoized", False):
         _kad_utils_mod.consume_envelope = _memoized_consume_envelope(_kad_utils_mod.consume_envelope)
+    # Every upgraded inbound connection kept one of the swarm's inbound slots (250 by
+    # default) until the swarm stopped, not until the connection closed: 250 connect-and-close
+    # cycles, under a minute from one process, and a node or entry refused every new peer
+    # until restarted. See _handle_inbound_until_closed.
+    if not getattr(_swarm_mod.Swarm._do_handle_inbound_connection, "_mesh_releases_slot", False):
+        _swarm_mod.Swarm._do_handle_inbound_connection = _handle_inbound_until_closed
     lg = logging.getLogger("libp2p")
     if not any(isinstance(h, _ForwardToMeshLogging) for h in lg.handlers):
         h = _ForwardToMeshLogging(level=logging.WARNING)
         lg.addHandler(h)
+
+
+# py-libp2p's own handler, kept for tests that show the edge it has.
+UPSTREAM_DO_HANDLE_INBOUND = getattr(_swarm_mod.Swarm._do_handle_inbound_connection, "_mesh_upstream",
+                                     _swarm_mod.Swarm._do_handle_inbound_connection)
+
+
+async def _handle_inbound_until_closed(self, read_write_closer, maddr, failure_event) -> None:
+    """Replaces Swarm._do_handle_inbound_connection (py-libp2p 0.8.1), which
+    _handle_inbound_connection runs while holding one token of self._inbound_limiter and
+    releases it when this returns.
+
+    Upstream keeps this handler alive until ``self.manager.wait_finished()``, i.e. until the
+    whole swarm stops (the listener closes the socket when its handler returns, so the handler
+    has to outlive the connection). The token therefore outlives the connection too: each
+    inbound connection that completed its upgrade, however short-lived, consumed one of the
+    ``max_connections - min_connections`` tokens for good, and once they were gone every new
+    inbound connection was closed on accept although none was open.
+
+    Here the handler waits for the connection's muxer to close (or the swarm to stop,
+    whichever comes first), so the token is held exactly as long as the connection lives and
+    the limiter bounds concurrent inbound connections, as its comment in Swarm says it should.
+    Everything else is upstream's code path unchanged: connection gate, pre-multiplexed
+    transports (QUIC), security and muxer upgrade, cleanup and metrics on failure.
+    """
+    remote_maddr = self._build_remote_multiaddr(read_write_closer)
+    if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
+        try:
+            await read_write_closer.close()
+            failure_event.conn_incoming_error = True
+            if self.metric_send_channel is not None:
+                await self.metric_send_channel.send(failure_event)
+        except Exception:
+            pass
+        return
+
+    if isinstance(read_write_closer, IMuxedConn):
+        try:
+            await self.add_conn(read_write_closer, direction="inbound")
+            await _until_connection_closed(self, read_write_closer)
+        except Exception:
+            await read_write_closer.close()
+            failure_event.conn_incoming_error = True
+            if self.metric_send_channel is not None:
+                await self.metric_send_channel.send(failure_event)
+        return
+
+    raw_conn = None
+    try:
+        raw_conn = RawConnection(read_write_closer, False)
+        muxed_conn = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
+        await _until_connection_closed(self, muxed_conn)
+    except Exception as e:
+        log.debug("error handling an incoming connection: %s", e)
+        try:
+            if raw_conn is not None:
+                await raw_conn.close()
+            else:
+                await read_write_closer.close()
+                failure_event.conn_incoming_error = True
+                if self.metric_send_channel is not None:
+                    await self.metric_send_channel.send(failure_event)
+        except Exception:
+            pass
+
+
+_handle_inbound_until_closed._mesh_releases_slot = True
+_handle_inbound_until_closed._mesh_upstream = UPSTREAM_DO_HANDLE_INBOUND
+
+
+async def _until_connection_closed(swarm, muxed_conn) -> None:
+    # Yamux (our only muxer) and QUIC set event_closed once the connection is gone, whoever
+    # closed it: the peer (EOF, GO_AWAY), a read error, the pruner or the swarm. A muxer
+    # without one gets upstream's behaviour.
+    closed = getattr(muxed_conn, "event_closed", None)
+    if not isinstance(closed, trio.Event):
+        await swarm.manager.wait_finished()
+        return
+    async with trio.open_nursery() as nursery:
+
+        async def swarm_finished() -> None:
+            await swarm.manager.wait_finished()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(swarm_finished)
+        await closed.wait()
+        nursery.cancel_scope.cancel()
 
 
 class NoYieldLock:

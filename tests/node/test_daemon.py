@@ -1,5 +1,6 @@
 """The node daemon as a volunteer runs it: a separate process, reached over real libp2p."""
 
+import json
 import signal
 import subprocess
 
@@ -36,7 +37,7 @@ def completion(sha: str, rid: str, prompt: str, max_tokens: int) -> InferRequest
 async def test_node_serves_over_libp2p_and_is_discoverable(tmp_path, tiny_gguf):
     me = Identity.generate()
     async with open_mesh_host(me) as host:
-        node = await start_node(tmp_path, "n1", "--model", str(tiny_gguf), "--bootstrap", host.listen_addrs[0], *FAST)
+        node = await start_node(tmp_path, "n1", "--model", str(tiny_gguf), "--bootstrap", host.listen_addrs[0], "--buffer-mb", "8", *FAST)
         try:
             from engine.model_file import inspect_model
 
@@ -62,6 +63,9 @@ async def test_node_serves_over_libp2p_and_is_discoverable(tmp_path, tiny_gguf):
             out = subprocess.run(mesh_cmd("node", "status", "--state-dir", str(node.state_dir)), capture_output=True, text=True, timeout=30)
             assert out.returncode == 0, out.stderr
             assert node.peer_id in out.stdout and "24 tokens" in out.stdout
+            out = subprocess.run(mesh_cmd("node", "status", "--json", "--state-dir", str(node.state_dir)), capture_output=True, text=True, timeout=30)
+            status = json.loads(out.stdout)
+            assert (status["buffer_limit"], status["buffered_bytes"]) == (8 << 20, 0)
 
             out = subprocess.run(mesh_cmd("node", "stop", "--state-dir", str(node.state_dir)), capture_output=True, text=True, timeout=30)
             assert out.returncode == 0, out.stderr

@@ -145,6 +145,51 @@ async def test_queue_serves_waiting_requests_in_turn(tiny_gguf):
     assert len(outs) == 3 and outs[0] == outs[1] == outs[2]
 
 
+async def test_a_peer_flooding_the_node_does_not_starve_another(tiny_gguf):
+    """One peer opens more requests than slot + queue; a second peer still gets a queue place
+    and the next slot, and the flooding peer's surplus is answered busy."""
+    service, eng = gated_service(tiny_gguf, queue=3, pause_after=2)
+    runs: list[str] = []  # requesting peer of each generation, in the order they started
+    peer_of: dict[str, str] = {}
+    engine_run = eng.run
+
+    def recording_run(req, *, cancel=None):
+        runs.append(peer_of[req.request_id])
+        return engine_run(req, cancel=cancel)
+
+    eng.run = recording_run
+    outcomes: dict[str, list] = {"hog": [], "user": []}
+
+    async def one(peer: str) -> None:
+        s = connect(n, service, remote=peer)
+        req = request(service, max_tokens=6)
+        peer_of[req.request_id] = peer
+        try:
+            ids, _, _ = await collect(s, req)
+            outcomes[peer].append(len(ids))
+        except NodeError as e:
+            outcomes[peer].append(e.code)
+        await s.close()
+
+    async def until(predicate) -> None:
+        with trio.fail_after(30):
+            while not predicate():
+                await trio.sleep(0.005)
+
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(one, "hog")
+        await wait_for(eng.paused)  # one runs, three wait, the fifth was answered busy
+        await until(lambda: service.admission.queued == 3 and outcomes["hog"] == [ERR_BUSY])
+        n.start_soon(one, "user")
+        await until(lambda: outcomes["user"] or len(outcomes["hog"]) == 2)
+        assert outcomes["user"] == [] and service.admission.queued == 3  # the user waits in the queue
+        eng.gate.set()
+    assert runs[:2] == ["hog", "user"]
+    assert outcomes["user"] == [6]
+    assert sorted(outcomes["hog"], key=str) == sorted([6, 6, 6, ERR_BUSY, ERR_BUSY], key=str)
+
+
 async def test_cancel_stops_generation(tiny_gguf):
     service, eng = gated_service(tiny_gguf, pause_after=5)
     async with trio.open_nursery() as n:

@@ -9,7 +9,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import FrameTooLarge, MalformedFrame, ProtocolError
-from protocol.framing import HEADER_SIZE, FrameReader, FrameWriter, decode_body, encode_frame
+from protocol.framing import (
+    HEADER_SIZE,
+    SMALL_HOLDING,
+    BufferBudget,
+    BufferFull,
+    FrameReader,
+    FrameWriter,
+    OversizedFrame,
+    decode_body,
+    encode_frame,
+)
 
 
 class MemoryStream:
@@ -168,3 +178,66 @@ async def test_frame_ready_tells_whether_a_whole_frame_is_buffered():
     assert reader.frame_ready()
     assert (await reader.read_frame())["t"] == "b"
     assert not reader.frame_ready()  # only part of the third is here
+
+
+async def test_budget_holds_what_the_reader_buffers_and_gets_it_back():
+    budget = BufferBudget(1 << 20)
+    frames = [{"i": i, "pad": "x" * 3000} for i in range(20)]
+    big = encode_frame({"big": "y" * 200_000})
+    stream = MemoryStream(b"".join(encode_frame(f) for f in frames) + big[:100_000], chunk=7000)  # ends mid-frame
+    reader = FrameReader(stream, budget=budget)
+    for f in frames:
+        assert await reader.read_frame() == f
+        assert budget.used == reader.buffered == 0  # nothing read ahead, nothing held between frames
+    with pytest.raises(MalformedFrame):
+        await reader.read_frame()
+    assert budget.used == reader.buffered == 100_000  # what arrived, not what the header announced
+    reader.release()
+    assert budget.used == 0 and reader.buffered == 0
+    reader.release()  # twice is harmless
+    assert budget.used == 0 and budget.peak == 100_000
+
+
+async def test_readers_sharing_a_budget_never_hold_more_than_it():
+    budget = BufferBudget(400_000, reserve=50_000)
+    partial = encode_frame({"big": "y" * 200_000})[:150_000]  # a frame that never completes
+    unfinished, refused = [], []
+    for _ in range(5):
+        reader = FrameReader(MemoryStream(partial, chunk=10_000), budget=budget)
+        try:
+            await reader.read_frame()
+        except BufferFull:
+            refused.append(reader)
+        except MalformedFrame:
+            unfinished.append(reader)  # all its bytes buffered, then its stream ended mid-frame
+        assert budget.used <= budget.limit
+    assert (len(unfinished), len(refused)) == (2, 3)
+    # The third was cut off where large holdings end (limit - reserve); the last two got only
+    # what the reserve allows a reader holding little (its header and one 10 kB read).
+    assert budget.used == 2 * 150_000 + (4 + 40_000) + 2 * (4 + 10_000)
+    for reader in refused:  # as the node does with a refused stream
+        reader.release()
+    assert budget.used == 300_000
+    # A small frame still gets in near the cap: the reserve is for readers holding little...
+    budget.take(budget.limit - budget.reserve - budget.used)  # large holdings fill their part
+    small = FrameReader(MemoryStream(encode_frame({"x": "z" * (SMALL_HOLDING - 100)}), chunk=5000), budget=budget)
+    assert await small.read_frame()
+    large = FrameReader(MemoryStream(encode_frame({"x": "z" * 20_000})), budget=budget)
+    with pytest.raises(BufferFull):  # ...not for a large frame
+        await large.read_frame()
+    for reader in [large, *unfinished]:
+        reader.release()
+    assert budget.used == budget.limit - budget.reserve - 300_000  # what this test took by hand
+
+
+async def test_oversized_frame_error_names_length_and_limit():
+    reader = FrameReader(MemoryStream(struct.pack(">I", 5000) + b"x" * 5000), max_frame=4096)
+    with pytest.raises(OversizedFrame) as e:
+        await reader.read_frame()
+    assert (e.value.length, e.value.limit) == (5000, 4096) and isinstance(e.value, FrameTooLarge)
+
+
+def test_budget_settings_checked():
+    for limit, reserve in ((0, 0), (10, 10), (10, -1)):
+        with pytest.raises(ValueError):
+            BufferBudget(limit, reserve)

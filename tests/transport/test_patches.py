@@ -15,12 +15,20 @@ import libp2p.transport.tcp.tcp as tcp_mod
 import pytest
 import trio
 from libp2p import generate_new_ed25519_identity, new_host
+from libp2p.abc import INotifee
+from libp2p.crypto.x25519 import create_new_key_pair as _new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.tcp.tcp import TCP
+from libp2p.transport.upgrader import TransportUpgrader
 from multiaddr import Multiaddr
 
 from protocol.framing import FrameReader, FrameWriter
@@ -138,6 +146,86 @@ async def test_callers_exception_is_not_wrapped_in_exception_groups():
     with pytest.raises(ValueError, match="mine"):
         async with open_mesh_host(Identity.generate()):
             raise ValueError("mine")
+
+
+# -- inbound connection slots -------------------------------------------------------------
+
+class ConnectedPeers(INotifee):
+    """Every peer a host has had a connection with: tells "not yet registered" apart from
+    "already dropped" when a test waits for a connection to be gone."""
+
+    def __init__(self):
+        self.peers: set[ID] = set()
+
+    async def connected(self, network, conn) -> None:
+        self.peers.add(conn.muxed_conn.peer_id)
+
+    async def disconnected(self, network, conn) -> None: ...
+    async def opened_stream(self, network, stream) -> None: ...
+    async def closed_stream(self, network, stream) -> None: ...
+    async def listen(self, network, multiaddr) -> None: ...
+    async def listen_close(self, network, multiaddr) -> None: ...
+
+
+def watch_connections(host) -> ConnectedPeers:
+    seen = ConnectedPeers()
+    host._swarm.register_notifee(seen)
+    return seen
+
+
+async def connect_and_close(server, seen: ConnectedPeers, backlog: int = 0) -> None:
+    """One inbound connection as a real peer makes it (fresh identity, Noise, Yamux), closed
+    as soon as it is up. Returns once the server has registered it and holds at most
+    `backlog` connections that it has yet to drop (dropping one takes py-libp2p ~0.1 s: a
+    sleep in Yamux.close). Raises if the server refused the connection."""
+    kp = generate_new_ed25519_identity()
+    upgrader = TransportUpgrader({TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(kp, noise_privkey=_new_x25519_key_pair().private_key)},
+                                 {TProtocol(YAMUX_PROTOCOL_ID): Yamux})
+    server_id = ID.from_base58(server.peer_id)
+    raw = await TCP().dial(Multiaddr(server.listen_addrs[0]).decapsulate(Multiaddr(f"/p2p/{server.peer_id}")))
+    try:
+        secured = await upgrader.upgrade_security(raw, True, server_id)
+        await upgrader.upgrade_connection(secured, server_id)
+    finally:
+        await raw.close()
+    client_id = ID.from_pubkey(kp.public_key)
+    while client_id not in seen.peers or len(server._swarm.get_connections()) > backlog:
+        await trio.sleep(0.002)
+
+
+async def test_inbound_connection_slot_is_returned_when_the_connection_closes():
+    async with open_mesh_host(Identity.generate()) as server:
+        server.set_stream_handler(ECHO, echo)
+        seen = watch_connections(server)
+        limiter = server._swarm._inbound_limiter
+        slots = int(limiter.total_tokens)  # py-libp2p 0.8.1 default: 250
+        with trio.fail_after(150):
+            for i in range(slots + 50):
+                try:
+                    await connect_and_close(server, seen, backlog=16)
+                except Exception as e:
+                    pytest.fail(f"connection {i + 1} refused with {limiter.borrowed_tokens} of {slots} slots "
+                                f"held and {len(server._swarm.get_connections())} connections open: {e!r}")
+            while limiter.borrowed_tokens:  # the last close may still be in its handler
+                await trio.sleep(0.01)
+        async with open_mesh_host(Identity.generate()) as client:
+            with trio.fail_after(10):
+                assert await round_trip(client, server.peer_id, server.listen_addrs) == {"echo": {"x": 1}}
+
+
+async def test_stock_inbound_handler_keeps_the_slot_after_the_connection_closed(monkeypatch):
+    # Control: py-libp2p's own handler, with 3 slots to make it quick.
+    async with open_mesh_host(Identity.generate()) as server:
+        # After open_mesh_host, which applies the workarounds.
+        monkeypatch.setattr(swarm_mod.Swarm, "_do_handle_inbound_connection", patches.UPSTREAM_DO_HANDLE_INBOUND)
+        seen = watch_connections(server)
+        server._swarm._inbound_limiter = trio.CapacityLimiter(3)
+        with trio.fail_after(30):
+            for _ in range(3):
+                await connect_and_close(server, seen)
+            assert server._swarm._inbound_limiter.borrowed_tokens == 3 and not server._swarm.get_connections()
+            with pytest.raises(Exception):
+                await connect_and_close(server, seen)  # refused: no slot left, with no connection open
 
 
 # -- dialling -----------------------------------------------------------------------------
@@ -428,7 +516,7 @@ async def test_remembered_peer_records_are_bounded(monkeypatch):
     import libp2p.kad_dht.utils as kad_utils
     from libp2p.peer.peerstore import create_signed_peer_record
 
-    monkeypatch.setattr(p2p, "ENVELOPE_CACHE_SIZE", 3)
+    monkeypatch.setattr(patches, "ENVELOPE_CACHE_SIZE", 3)  # the cache reads it at call time
     async with open_mesh_host(Identity.generate()):
         consume = kad_utils.consume_envelope
         for _ in range(5):
