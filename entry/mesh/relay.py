@@ -37,27 +37,11 @@ from entry.backend import (
 )
 from entry.mesh import router
 from entry.mesh.view import PENALTY_BAD_RECEIPT, PENALTY_DISCONNECT, PENALTY_FAILED, MeshView, NodeState
-from protocol import INFER_PROTOCOL_ID
 from protocol.errors import ProtocolError, RecordError
-from protocol.framing import FrameReader, FrameWriter
-from protocol.messages import (
-    ERR_BUSY,
-    ERR_INVALID,
-    ERR_LEAVING,
-    ERR_TOO_LONG,
-    Cancel,
-    Error,
-    Final,
-    InferRequest,
-    Leaving,
-    StatusReply,
-    TokenChunk,
-    parse_message,
-    to_wire,
-)
+from protocol.messages import ERR_BUSY, ERR_INVALID, ERR_LEAVING, ERR_TOO_LONG, Final, InferRequest, TokenChunk
 from protocol.records import ReceiptBook, WorkReceipt
 from transport.host import DialError, MeshHost, StreamClosed
-from transport.node_client import NodeError, StreamBroken
+from transport.node_client import NodeCall, NodeError, StreamBroken, open_call
 
 log = logging.getLogger("mesh.entry.backend")
 
@@ -191,86 +175,48 @@ class _Part:
 
 
 class _Attempt:
-    """One request on one node's stream."""
+    """One request on one node: a NodeCall plus the relay's patience with it."""
 
     def __init__(self, host: MeshHost, view: MeshView, node: NodeState, request: InferRequest, config: MeshBackendConfig):
         self.host, self.view, self.node, self.request, self.config = host, view, node, request, config
-        self.stream = None
-        self.reader: FrameReader | None = None
-        self.last_frame_at = trio.current_time()
+        self.call: NodeCall | None = None
 
     async def open(self) -> None:
-        self.stream = await self.host.open_stream(self.node.peer_id, INFER_PROTOCOL_ID, self.node.advert.addrs,
-                                                  timeout=self.config.dial_timeout)
-        self.reader = FrameReader(self.stream)
-        await FrameWriter(self.stream).write_frame(to_wire(self.request))
+        # A Leaving notice mid-generation: it finishes this one within its grace.
+        self.call = await open_call(self.host, self.node.peer_id, self.node.advert.addrs, self.request,
+                                    timeout=self.config.dial_timeout,
+                                    on_leaving=lambda _: self.view.mark_leaving(self.node))
 
     async def next(self, timeout: float) -> TokenChunk | Final:
         """The node's next token chunk or final frame, within `timeout` seconds."""
         deadline = trio.current_time() + timeout
         while True:
-            # The view cancels this scope when the node stops answering status queries.
+            # The view cancels this scope when the node stops answering status queries;
+            # NodeCall.next is cancel-safe, so reading on after that loses nothing.
             with trio.CancelScope(deadline=deadline) as scope:
                 self.node.interrupts.add(scope)
                 try:
-                    return await self._read()
+                    return await self.call.next()
                 finally:
                     self.node.interrupts.discard(scope)
             if trio.current_time() >= deadline:
                 raise _Silent(f"nothing from the node for {timeout:.1f}s")
-            if trio.current_time() - self.last_frame_at >= HUNG_AFTER_S:
+            if trio.current_time() - self.call.last_frame_at >= HUNG_AFTER_S:
                 raise _Silent("the node stopped answering status queries and streaming")
             # Its status stream broke but this stream is alive: trust the tokens, keep reading.
 
-    async def _read(self) -> TokenChunk | Final:
-        # Cancel-safe: a partly read frame stays in the FrameReader's buffer for the next call.
-        rid = self.request.request_id
-        while True:
-            frame = await self.reader.read_frame()
-            if frame is None:
-                raise StreamBroken("node closed the stream before the final frame")
-            self.last_frame_at = trio.current_time()
-            msg = parse_message(frame)
-            if isinstance(msg, (TokenChunk, Final)):
-                if msg.request_id != rid:
-                    raise ProtocolError(f"{msg.T} frame for another request")
-                return msg
-            if isinstance(msg, Error):
-                raise NodeError(msg)
-            if isinstance(msg, Leaving):
-                self.view.mark_leaving(self.node)  # it finishes this one within its grace
-            elif not isinstance(msg, StatusReply):
-                raise ProtocolError(f"unexpected {msg.T!r} frame during a generation")
-
-    async def _bounded(self, fn) -> None:
-        # Runs while the consumer's task may be cancelled: shielded, but never for long.
-        with trio.move_on_after(self.config.cancel_timeout) as cs:
-            cs.shield = True
-            try:
-                await fn()
-            except Exception:
-                pass
-
     async def cancel(self) -> None:
         """The consumer left: tell the node to stop (it frees the slot at once), then close."""
-        if self.stream is None:
-            return
-
-        async def send_cancel() -> None:
-            try:
-                await FrameWriter(self.stream).write_frame(to_wire(Cancel(self.request.request_id)))
-            finally:
-                await self.stream.close()
-
-        await self._bounded(send_cancel)
+        if self.call is not None:
+            await self.call.stop(self.config.cancel_timeout)
 
     async def close(self) -> None:
-        if self.stream is not None:
-            await self._bounded(self.stream.close)
+        if self.call is not None:
+            await self.call.close(self.config.cancel_timeout)
 
     async def abort(self) -> None:
-        if self.stream is not None:
-            await self._bounded(self.stream.reset)
+        if self.call is not None:
+            await self.call.abort(self.config.cancel_timeout)
 
 
 @dataclass

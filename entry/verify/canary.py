@@ -27,12 +27,11 @@ from entry.backend import GenerationSpec
 from entry.mesh.relay import AcceptedReceipt, GenerationRecord, MeshBackend, PartRecord, build_request
 from entry.mesh.view import PENALTY_BAD_RECEIPT, NodeState
 from entry.verify.verifier import Verifier
-from protocol import INFER_PROTOCOL_ID
 from protocol.errors import ProtocolError, RecordError
 from protocol.messages import ChatMessage, SamplingParams
 from protocol.records import WorkReceipt
 from transport.host import DialError, StreamClosed
-from transport.node_client import InferCall, NodeError, StreamBroken
+from transport.node_client import NodeError, StreamBroken, open_call
 
 log = logging.getLogger("mesh.entry.canary")
 
@@ -138,19 +137,15 @@ class CanaryProber:
         self.view.acquire(node)
         try:
             with trio.fail_after(self.config.timeout):
-                stream = await self.host.open_stream(node.peer_id, INFER_PROTOCOL_ID, node.advert.addrs,
-                                                     timeout=self.config.dial_timeout)
+                call = await open_call(self.host, node.peer_id, node.advert.addrs, request,
+                                       timeout=self.config.dial_timeout)
                 try:
-                    call = InferCall(stream, request)
-                    await call.send()
                     async for chunk in call.chunks():
                         ids += chunk.ids
                         if len(ids) > request.params.max_tokens:
                             raise ProtocolError("node sent more tokens than max_tokens")
                 finally:
-                    with trio.move_on_after(2.0) as cs:
-                        cs.shield = True
-                        await stream.close()
+                    await call.close(2.0)
         except (NodeError, StreamBroken, DialError, StreamClosed, ProtocolError, trio.TooSlowError) as e:
             log.info("canary probe not completed", extra={"node": node.pseudonym, "error": type(e).__name__})
             return None
