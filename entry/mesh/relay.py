@@ -402,25 +402,37 @@ class MeshBackend:
         except Exception:  # the ledger's or verifier's problem must not fail the user's request
             log.exception("generation-done callback failed")
 
-    def _settle(self, part: _Part, final: Final, request: InferRequest) -> AcceptedReceipt | None:
-        node = part.node
+    def accept_receipt(self, node: NodeState, request: InferRequest, ids: list[int], final: Final, *,
+                       canary: bool = False) -> AcceptedReceipt | None:
+        """Check the receipt in a node's final frame against what we relayed (`ids`: the
+        tokens this node delivered, continuation excluded) and accept it once; None when it
+        is refused, which costs the node reputation and the credit. Used for user
+        generations and canary probes alike (`canary` only marks the log line); what a
+        served generation earns beyond that (its success, its speed, the on_receipt hook) is
+        the relay's, in _settle."""
         try:
             receipt = WorkReceipt.verify(final.receipt, node=node.peer_id, entry=self.host.peer_id,
                                          request_id=request.request_id, model_sha256=request.model_sha256,
-                                         tokens=part.ids, prompt_tokens=final.prompt_tokens)
+                                         tokens=ids, prompt_tokens=final.prompt_tokens)
             self.receipt_book.accept(receipt)
         except RecordError as e:
             # The user got their tokens; the node loses standing and gets no credit.
             self.counters.receipts_rejected += 1
             node.penalize(time.monotonic(), PENALTY_BAD_RECEIPT)
-            log.warning("receipt rejected", extra={"node": node.pseudonym, "reason": str(e)})
+            log.warning("receipt rejected", extra={"node": node.pseudonym, "reason": str(e),
+                                                   **({"canary": True} if canary else {})})
             return None
-        node.succeeded()
-        if (tps := part.tps()) is not None:
-            node.observe_speed(tps)
         self.counters.receipts_accepted += 1
-        accepted = AcceptedReceipt(node.peer_id, node.pseudonym, request.request_id, request.model_sha256,
-                                   receipt.prompt_tokens, receipt.completion_tokens, receipt, final.receipt)
+        return AcceptedReceipt(node.peer_id, node.pseudonym, request.request_id, request.model_sha256,
+                               receipt.prompt_tokens, receipt.completion_tokens, receipt, final.receipt)
+
+    def _settle(self, part: _Part, final: Final, request: InferRequest) -> AcceptedReceipt | None:
+        accepted = self.accept_receipt(part.node, request, part.ids, final)
+        if accepted is None:
+            return None
+        part.node.succeeded()
+        if (tps := part.tps()) is not None:
+            part.node.observe_speed(tps)
         self.receipts.append(accepted)
         if self.on_receipt is not None:
             try:

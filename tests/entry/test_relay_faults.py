@@ -6,6 +6,7 @@ deterministic and fast."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import aclosing, asynccontextmanager
 
@@ -13,9 +14,11 @@ import pytest
 import trio
 
 from entry.backend import GenerationSpec, InvalidGeneration, MeshUnavailable, TokenEvent, UnknownModel
-from entry.mesh.relay import MeshBackend, MeshBackendConfig, open_mesh_backend
-from entry.mesh.view import MeshView
+from entry.mesh.relay import MeshBackend, MeshBackendConfig, build_request, open_mesh_backend
+from entry.mesh.view import REPUTATION_NEUTRAL, MeshView, NodeState
 from protocol.identity import Identity
+from protocol.messages import Final
+from protocol.records import CapacityAdvert, WorkReceipt, token_digest
 from tests.support.endless_model import write_endless_llama
 from tests.support.mesh_fakes import FakeHost, add_node, faulty
 from tests.support.mesh_nodes import collect, completion_spec
@@ -235,3 +238,34 @@ async def test_lost_status_stream_does_not_abandon_a_node_that_still_streams(mod
         nursery.start_soon(flap)
         ids, _, done = await collect(backend, completion_spec("tiny", "Hello", 400))
         assert len(ids) == 400 and done.failovers == 0 and hits > 0
+
+
+async def test_accept_receipt_is_the_one_check_for_generations_and_probes():
+    """MeshBackend.accept_receipt (the relay's settlement and the canary's both) accepts a
+    matching receipt once and counts it; a replay or a mismatch is refused at the node's
+    cost. What a served generation earns beyond the receipt (served count, the on_receipt
+    hook, the receipts list) stays with the relay, so a probe does not touch it."""
+    async with mesh() as (nursery, host, view, backend):
+        ident = Identity.generate()
+        now = time.time()
+        adv = CapacityAdvert(node=ident.peer_id, model_sha256="ab" * 32, model_name="m", quantization="F32",
+                             context_size=512, prefill_tps=0.0, decode_tps=0.0, total_slots=1, free_slots=1, seq=1,
+                             issued_at=now, expires_at=now + 3600)
+        node = view.track(NodeState(ident.peer_id, view.pseudonym(ident.peer_id), adv))
+        hooked = []
+        backend.on_receipt = hooked.append
+        request = build_request(completion_spec("m", PROMPT, 8), adv.model_sha256)
+        ids = [5, 6, 7]
+        blob = WorkReceipt(request.request_id, adv.model_sha256, 4, len(ids), token_digest(ids), ident.peer_id,
+                           host.peer_id, now).sign(ident)
+        final = Final(request.request_id, "stop", 4, len(ids), blob)
+
+        accepted = backend.accept_receipt(node, request, ids, final, canary=True)
+        assert (accepted.node, accepted.pseudonym, accepted.completion_tokens, accepted.blob) == (
+            ident.peer_id, node.pseudonym, 3, blob)
+        assert backend.counters.receipts_accepted == 1 and node.reputation == REPUTATION_NEUTRAL
+        assert hooked == [] and list(backend.receipts) == [] and node.served == 0
+
+        assert backend.accept_receipt(node, request, ids, final) is None  # the same receipt again
+        assert backend.accept_receipt(node, dataclasses.replace(request, request_id="req-other-0001"), ids, final) is None
+        assert backend.counters.receipts_rejected == 2 and node.failures == 2 and node.reputation < REPUTATION_NEUTRAL
