@@ -260,7 +260,8 @@ class MeshBackend:
     def resolve_model(self, model: str) -> ModelEntry | None:
         return router.resolve(self.models(), model)
 
-    def _model_for(self, model: str) -> ModelEntry:
+    def select_model(self, model: str) -> ModelEntry:
+        """See Backend.select_model: the one place a generation's model is chosen."""
         entry = self.resolve_model(model)
         if entry is not None:
             return entry
@@ -278,8 +279,9 @@ class MeshBackend:
 
     # -- generation ---------------------------------------------------------------------------
 
-    async def generate(self, spec: GenerationSpec) -> AsyncIterator[TokenEvent | DoneEvent]:
-        model = self._model_for(spec.model)
+    async def generate(self, spec: GenerationSpec, model: ModelEntry | None = None) -> AsyncIterator[TokenEvent | DoneEvent]:
+        if model is None:
+            model = self.select_model(spec.model)
         request = build_request(spec, model.sha256)
         self.counters.requests += 1
         try:

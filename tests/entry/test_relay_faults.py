@@ -269,3 +269,25 @@ async def test_accept_receipt_is_the_one_check_for_generations_and_probes():
         assert backend.accept_receipt(node, request, ids, final) is None  # the same receipt again
         assert backend.accept_receipt(node, dataclasses.replace(request, request_id="req-other-0001"), ids, final) is None
         assert backend.counters.receipts_rejected == 2 and node.failures == 2 and node.reputation < REPUTATION_NEUTRAL
+
+
+async def test_select_model_tells_unknown_from_unavailable_and_generate_does_not_ask_again(model):
+    async with mesh() as (nursery, host, view, backend):
+        node = add_node(host, view, make_service(model))
+        entry = backend.select_model("tiny")
+        assert entry.sha256 == node.model_sha256
+        with pytest.raises(UnknownModel):
+            backend.select_model("no-such-model")
+
+        def no_second_choice(name):
+            raise AssertionError("generate chose the model again")
+
+        backend.select_model = no_second_choice
+        async with aclosing(backend.generate(completion_spec("tiny", PROMPT, 4), entry)) as events:
+            done = [ev async for ev in events][-1]
+        assert done.completion_tokens == 4
+        del backend.select_model
+
+        node.connected = False  # its status stream is gone: known, but nobody serves it now
+        with pytest.raises(MeshUnavailable):
+            backend.select_model("tiny")
