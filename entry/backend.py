@@ -39,10 +39,13 @@ class TokenEvent:
 
 @dataclass
 class ServedPart:
-    """Which node produced which share of a generation (several after a failover)."""
+    """Which node produced which share of a generation (several after a failover), as users
+    see it: the API shows it as `mesh.served_by` (keys "node" and "kind", for the pseudonym
+    and the description). The relay's PartRecord is the same share with what only the
+    ledger and the verifier may see."""
 
-    node: str  # a pseudonym, never a peer id or address
-    kind: str  # human description of the node, e.g. "SmolLM2 Q4_1 on CPU, 95 tok/s"
+    pseudonym: str  # never a peer id or address
+    description: str  # of the node, for humans, e.g. "SmolLM2 Q4_1 on CPU, 95 tok/s"
     completion_tokens: int
 
 

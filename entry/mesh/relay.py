@@ -69,9 +69,9 @@ class MeshBackendConfig:
 @dataclass
 class AcceptedReceipt:
     """A node's verified receipt for the tokens it delivered: what credits build on.
-    `node` is the peer id: for the ledger only, never shown to users."""
+    `peer_id` is for the ledger only, never shown to users."""
 
-    node: str
+    peer_id: str
     pseudonym: str
     request_id: str
     model_sha256: str
@@ -83,11 +83,17 @@ class AcceptedReceipt:
 
 @dataclass
 class PartRecord:
-    """One node's share of a finished generation. `receipt` is set for the node that finished
-    it, when its receipt was accepted; earlier nodes of a failover chain have none (they
-    failed before their final frame) but the entry relayed their tokens itself."""
+    """One node's share of a finished generation, for the verifier and the credits ledger.
+    `receipt` is set for the node that finished it, when its receipt was accepted; earlier
+    nodes of a failover chain have none (they failed before their final frame) but the entry
+    relayed their tokens itself.
 
-    node: str  # peer id: for the ledger and the verifier only, never shown to users
+    The parts of a generation, by stage: while it runs the relay keeps a _RunningPart per
+    node (its NodeState, tokens and timing), which becomes this record and, for the user, a
+    ServedPart (entry/backend.py: pseudonym and description only). The ledger books each
+    record as a PartCredit (entry/credits/ledger.py: peer id, tokens it is paid for, receipt)."""
+
+    peer_id: str  # for the ledger and the verifier only, never shown to users
     pseudonym: str
     ids: list[int]
     receipt: AcceptedReceipt | None = None
@@ -146,7 +152,7 @@ def first_token_deadline(config: MeshBackendConfig, request: InferRequest) -> fl
             + len(request.continuation) / REPLAY_FLOOR_TPS)
 
 
-def node_kind(node: NodeState, tps: float | None = None) -> str:
+def describe_node(node: NodeState, tps: float | None = None) -> str:
     """How a node is described to users: model, quantization, speed; nothing identifying."""
     name = router.display_name(node.advert.model_name, node.model_sha256)
     speed = tps or node.decode_tps()
@@ -154,7 +160,9 @@ def node_kind(node: NodeState, tps: float | None = None) -> str:
 
 
 @dataclass
-class _Part:
+class _RunningPart:
+    """One node's share of a generation while it runs (see PartRecord)."""
+
     node: NodeState
     ids: list[int] = field(default_factory=list)
     first_at: float | None = None
@@ -172,6 +180,13 @@ class _Part:
         if len(self.ids) < 8 or self.first_at is None or self.last_at - self.first_at < 0.05:
             return None
         return (len(self.ids) - 1) / (self.last_at - self.first_at)
+
+    def record(self, receipt: AcceptedReceipt | None, finished: bool) -> PartRecord:
+        node = self.node
+        return PartRecord(node.peer_id, node.pseudonym, list(self.ids), receipt, finished, node.advert.context_size)
+
+    def served(self) -> ServedPart:
+        return ServedPart(self.node.pseudonym, describe_node(self.node, self.tps()), len(self.ids))
 
 
 class _Attempt:
@@ -297,13 +312,13 @@ class MeshBackend:
     async def _run(self, request: InferRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
         cfg = self.config
         delivered: list[int] = []
-        parts: list[_Part] = []
+        parts: list[_RunningPart] = []
         exclude: set[str] = set()
         failovers = 0
         for _ in range(cfg.max_attempts):
             node = await self._acquire(request.model_sha256, exclude)
             attempt = _Attempt(self.host, self.view, node, dataclasses.replace(request, continuation=list(delivered)), cfg)
-            part = _Part(node)
+            part = _RunningPart(node)
             parts.append(part)
             final: Final | None = None
             failure: Exception | None = None
@@ -336,8 +351,7 @@ class MeshBackend:
                 await attempt.close()
                 accepted = self._settle(part, final, request)
                 self._report_done(request, parts, part, accepted, final)
-                served = [ServedPart(p.node.pseudonym, node_kind(p.node, p.tps()), len(p.ids))
-                          for p in parts if p.ids or p is part]
+                served = [p.served() for p in parts if p.ids or p is part]
                 yield DoneEvent(final.finish_reason, final.prompt_tokens, len(delivered), served, failovers)
                 return
             await (attempt.close() if isinstance(failure, NodeError) else attempt.abort())
@@ -347,7 +361,7 @@ class MeshBackend:
                 self.counters.failovers += 1
         raise MeshUnavailable(f"gave up after {cfg.max_attempts} nodes", retry_after=cfg.retry_after)
 
-    def _handle_failure(self, node: NodeState, e: Exception, part: _Part, delivered: list[int]) -> bool:
+    def _handle_failure(self, node: NodeState, e: Exception, part: _RunningPart, delivered: list[int]) -> bool:
         """Book the node's failure; raise if the request itself is at fault. Returns whether
         the node had taken on the work (so moving on counts as a failover)."""
         now = time.monotonic()
@@ -391,14 +405,13 @@ class MeshBackend:
             # Woken by any change; the cap notices cooldowns running out.
             await self.view.wait_changed(min(left, 0.25))
 
-    def _report_done(self, request: InferRequest, parts: list[_Part], last: _Part, accepted: AcceptedReceipt | None,
-                     final: Final) -> None:
+    def _report_done(self, request: InferRequest, parts: list[_RunningPart], last: _RunningPart,
+                     accepted: AcceptedReceipt | None, final: Final) -> None:
         if self.on_generation_done is None:
             return
-        record = GenerationRecord(request, [
-            PartRecord(p.node.peer_id, p.node.pseudonym, list(p.ids), accepted if p is last else None, p is last,
-                       p.node.advert.context_size)
-            for p in parts if p.ids or p is last], final.finish_reason, final.prompt_tokens)
+        record = GenerationRecord(request, [p.record(accepted if p is last else None, p is last)
+                                            for p in parts if p.ids or p is last],
+                                  final.finish_reason, final.prompt_tokens)
         try:
             self.on_generation_done(record)
         except Exception:  # the ledger's or verifier's problem must not fail the user's request
@@ -428,7 +441,7 @@ class MeshBackend:
         return AcceptedReceipt(node.peer_id, node.pseudonym, request.request_id, request.model_sha256,
                                receipt.prompt_tokens, receipt.completion_tokens, receipt, final.receipt)
 
-    def _settle(self, part: _Part, final: Final, request: InferRequest) -> AcceptedReceipt | None:
+    def _settle(self, part: _RunningPart, final: Final, request: InferRequest) -> AcceptedReceipt | None:
         accepted = self.accept_receipt(part.node, request, part.ids, final)
         if accepted is None:
             return None

@@ -64,13 +64,13 @@ async def test_failure_mid_stream_continues_on_another_node(model, mode):
         ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, N))
         assert ids == expected
         assert done.failovers == 1 and done.completion_tokens == N and done.finish_reason == "length"
-        assert [p.node for p in done.served_by] == [bad.pseudonym, good.pseudonym]
+        assert [p.pseudonym for p in done.served_by] == [bad.pseudonym, good.pseudonym]
         first = N if mode == "extra" else 5
         assert [p.completion_tokens for p in done.served_by] == [first, N - first]
         assert host.opened == [bad.peer_id, good.peer_id]
         assert bad.total_failures == 1 and bad.reputation < 0.9 and not bad.routable(time.monotonic())
         [receipt] = backend.receipts
-        assert (receipt.node, receipt.completion_tokens) == (good.peer_id, N - first)
+        assert (receipt.peer_id, receipt.completion_tokens) == (good.peer_id, N - first)
 
 
 @pytest.mark.parametrize("mode", ["busy", "leaving", "internal"])
@@ -81,7 +81,7 @@ async def test_refusal_before_any_token_goes_to_another_node(model, mode):
         good = add_node(host, view, make_service(model))
         bad.reputation = 0.9
         ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, 16))
-        assert len(ids) == 16 and [p.node for p in done.served_by] == [good.pseudonym]
+        assert len(ids) == 16 and [p.pseudonym for p in done.served_by] == [good.pseudonym]
         if mode == "busy":  # not its fault: held back briefly, not blamed
             assert done.failovers == 0 and bad.failures == 0 and bad.reputation == 0.9
             assert bad.cooldown_until > time.monotonic()
@@ -122,7 +122,7 @@ async def test_unreachable_node_is_skipped(model):
         good = add_node(host, view, make_service(model))
         gone.reputation = 0.9
         _, _, done = await collect(backend, completion_spec("tiny", PROMPT, 8))
-        assert [p.node for p in done.served_by] == [good.pseudonym] and done.failovers == 0
+        assert [p.pseudonym for p in done.served_by] == [good.pseudonym] and done.failovers == 0
         assert not gone.routable(time.monotonic()) and not gone.connected
 
 
@@ -261,7 +261,7 @@ async def test_accept_receipt_is_the_one_check_for_generations_and_probes():
         final = Final(request.request_id, "stop", 4, len(ids), blob)
 
         accepted = backend.accept_receipt(node, request, ids, final, canary=True)
-        assert (accepted.node, accepted.pseudonym, accepted.completion_tokens, accepted.blob) == (
+        assert (accepted.peer_id, accepted.pseudonym, accepted.completion_tokens, accepted.blob) == (
             ident.peer_id, node.pseudonym, 3, blob)
         assert backend.counters.receipts_accepted == 1 and node.reputation == REPUTATION_NEUTRAL
         assert hooked == [] and list(backend.receipts) == [] and node.served == 0

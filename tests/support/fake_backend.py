@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 WORDS = ["Hello", ",", " I", " am", " a", " fake", " model", ".", " Nice", " to", " meet", " you", "!"]
 MODEL = ModelEntry(id="fake-model", sha256="ab" * 32, name="FakeModel", quantization="Q4_1", context_size=2048,
                    nodes=2, created=1_700_000_000)
-KIND = "FakeModel Q4_1 on CPU, 100 tok/s"
+DESCRIPTION = "FakeModel Q4_1 on CPU, 100 tok/s"  # of the node that served, as users see it
 
 
 def script(spec: GenerationSpec) -> list[str]:
@@ -122,7 +122,7 @@ class FakeBackend:
                 out.extend(batch)
                 yield ev
             yield DoneEvent(finish_reason=finish, prompt_tokens=prompt_tokens(spec), completion_tokens=len(out),
-                            served_by=[ServedPart("amber-fox", KIND, len(out))], failovers=self.failovers)
+                            served_by=[ServedPart("amber-fox", DESCRIPTION, len(out))], failovers=self.failovers)
             finished = True
             self.finished += 1
         finally:
