@@ -39,10 +39,13 @@ class TokenEvent:
 
 @dataclass
 class ServedPart:
-    """Which node produced which share of a generation (several after a failover)."""
+    """Which node produced which share of a generation (several after a failover), as users
+    see it: the API shows it as `mesh.served_by` (keys "node" and "kind", for the pseudonym
+    and the description). The relay's PartRecord is the same share with what only the
+    ledger and the verifier may see."""
 
-    node: str  # a pseudonym, never a peer id or address
-    kind: str  # human description of the node, e.g. "SmolLM2 Q4_1 on CPU, 95 tok/s"
+    pseudonym: str  # never a peer id or address
+    description: str  # of the node, for humans, e.g. "SmolLM2 Q4_1 on CPU, 95 tok/s"
     completion_tokens: int
 
 
@@ -89,12 +92,23 @@ class InvalidGeneration(Exception):
 class Backend(Protocol):
     def models(self) -> list[ModelEntry]: ...
 
-    def resolve_model(self, model: str) -> ModelEntry | None: ...
+    def resolve_model(self, model: str) -> ModelEntry | None:
+        """The served model with this id (or sha256), if any: a lookup, for /v1/models/{id}."""
+        ...
 
-    def generate(self, spec: GenerationSpec) -> AsyncIterator[TokenEvent | DoneEvent]:
-        """Raises UnknownModel, MeshUnavailable or InvalidGeneration before the first event
-        when nothing could be generated; once tokens flowed, a failure that no node can
-        recover from raises MeshUnavailable mid-stream."""
+    def select_model(self, model: str) -> ModelEntry:
+        """The model a generation request asking for `model` runs on, chosen once per request
+        (the API does, before anything else costs): raises UnknownModel when no node serves a
+        model by that id, MeshUnavailable when it is known but no node serves it right now
+        (its nodes just left, or are still connecting)."""
+        ...
+
+    def generate(self, spec: GenerationSpec, model: ModelEntry | None = None) -> AsyncIterator[TokenEvent | DoneEvent]:
+        """Run `spec` on `model`, which select_model chose for spec.model (None: choose it
+        here, for callers other than the API). Raises UnknownModel, MeshUnavailable or
+        InvalidGeneration before the first event when nothing could be generated; once
+        tokens flowed, a failure that no node can recover from raises MeshUnavailable
+        mid-stream."""
         ...
 
     def nodes_view(self) -> list[dict]:

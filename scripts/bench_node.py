@@ -85,11 +85,10 @@ def bench_engine(model: str, threads: int, n_tokens: int, runs: int) -> dict:
 
 async def bench_node(model: str, sha: str, threads: int, n_tokens: int, runs: int) -> dict:
 
-    from protocol import INFER_PROTOCOL_ID
     from protocol.identity import Identity
     from protocol.messages import InferRequest, SamplingParams
     from transport.host import open_mesh_host
-    from transport.node_client import InferCall
+    from transport.node_client import open_call
 
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "node"
@@ -109,9 +108,7 @@ async def bench_node(model: str, sha: str, threads: int, n_tokens: int, runs: in
                 for i in range(runs + 1):
                     req = InferRequest(f"bench-node-{i:06d}", sha, "completion", SamplingParams(max_tokens=n_tokens), prompt=PROMPT)
                     t0 = time.perf_counter()
-                    stream = await host.open_stream(info["peer_id"], INFER_PROTOCOL_ID)
-                    call = InferCall(stream, req)
-                    await call.send()
+                    call = await open_call(host, info["peer_id"], None, req)
                     first = None
                     n = 0
                     async for chunk in call.chunks():
@@ -119,7 +116,7 @@ async def bench_node(model: str, sha: str, threads: int, n_tokens: int, runs: in
                             first = time.perf_counter()
                         n += len(chunk.ids)
                     end = time.perf_counter()
-                    await stream.close()
+                    await call.close()
                     samples.append((first - t0, end - first, n))
             return summarize(samples[1:])
         finally:

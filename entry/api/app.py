@@ -213,7 +213,7 @@ class GenerationResponse(Response):
         async with tx:
             events = None
             try:
-                events = self.s.backend.generate(spec)
+                events = self.s.backend.generate(spec, self.model)
                 async for ev in events:
                     await tx.send((index, ev))
                 await tx.send((index, _END))
@@ -411,10 +411,14 @@ class _Handlers:
         t0 = time.perf_counter()
         subject, rpm, tpm = self.authenticate(request)
         plan = parse(await self.read_json(request))
-        model = self.s.backend.resolve_model(plan.model)
-        if model is None:
+        # The one place a request's model is chosen; generations run on it without asking again.
+        try:
+            model = self.s.backend.select_model(plan.model)
+        except UnknownModel:
             raise ApiError(404, f"the model {plan.model!r} is not served by the mesh right now; see /v1/models",
-                           param="model", code="model_not_found")
+                           param="model", code="model_not_found") from None
+        except MeshUnavailable as e:
+            raise backend_error(e) from None
         try:
             self.s.limits.acquire(subject, rpm=rpm, tpm=tpm)
         except RateLimited as e:

@@ -104,7 +104,8 @@ def mesh_extra(dones: list[DoneEvent | None]) -> dict:
         if d is None:
             continue
         failovers += d.failovers
-        parts.extend({"node": p.node, "kind": p.kind, "completion_tokens": p.completion_tokens} for p in d.served_by)
+        parts.extend({"node": p.pseudonym, "kind": p.description, "completion_tokens": p.completion_tokens}
+                     for p in d.served_by)
     return {"served_by": parts, "failovers": failovers}
 
 

@@ -75,10 +75,12 @@ class VestingPolicy:
 
 @dataclass(frozen=True)
 class PartCredit:
-    """One node's share of a request to book: `receipt` is its signed receipt when the
-    node finished the request, None for a part the entry relayed before failing over."""
+    """One node's share of a request to book (the verifier makes one from each of a
+    generation's PartRecords, entry/mesh/relay.py): `tokens` is what it is paid for,
+    `receipt` its signed receipt when the node finished the request, None for a part the
+    entry relayed before failing over. Stored in the `node` column."""
 
-    node: str
+    peer_id: str
     tokens: int
     receipt: bytes | None = None
 
@@ -139,12 +141,12 @@ class Ledger:
             for i, p in enumerate(parts):
                 if p.tokens <= 0:
                     continue
-                vest_at = now + self._vesting_delay(p.node, now)
+                vest_at = now + self._vesting_delay(p.peer_id, now)
                 cur = self._db.execute(
                     "INSERT INTO credits (node, request_id, model_sha256, part, tokens, weight, credits, source, receipt,"
                     " canary, state, verify, booked_at, vest_at) VALUES (?,?,?,?,?,?,?,?,?,?,'held',?,?,?)"
                     " ON CONFLICT (node, request_id) DO NOTHING",
-                    (p.node, request_id, model_sha256, i, p.tokens, weight, p.tokens * weight,
+                    (p.peer_id, request_id, model_sha256, i, p.tokens, weight, p.tokens * weight,
                      "receipt" if p.receipt is not None else "relayed", p.receipt, int(canary),
                      "pending" if pending else "none", now, vest_at))
                 booked += cur.rowcount
@@ -153,21 +155,21 @@ class Ledger:
         return booked
 
     def settle_verification(self, request_id: str, results: dict[str, tuple[bool, str]], now: float | None = None) -> int:
-        """Apply verdicts {node: (passed, reason)} for a request; returns rows changed. Only
+        """Apply verdicts {peer id: (passed, reason)} for a request; returns rows changed. Only
         rows still held and awaiting a verdict move: a second verdict changes nothing."""
         now = time.time() if now is None else now
         changed = 0
         with self._tx():
-            for node, (passed, reason) in sorted(results.items()):
+            for peer_id, (passed, reason) in sorted(results.items()):
                 if passed:
                     cur = self._db.execute(
                         "UPDATE credits SET verify = 'passed' WHERE request_id = ? AND node = ?"
-                        " AND state = 'held' AND verify IN ('pending', 'lost')", (request_id, node))
+                        " AND state = 'held' AND verify IN ('pending', 'lost')", (request_id, peer_id))
                 else:
                     cur = self._db.execute(
                         "UPDATE credits SET verify = 'failed', state = 'withheld', reason = ?, settled_at = ?"
                         " WHERE request_id = ? AND node = ? AND state = 'held' AND verify IN ('pending', 'lost', 'none')",
-                        (reason[:200], now, request_id, node))
+                        (reason[:200], now, request_id, peer_id))
                 changed += cur.rowcount
                 self._checkpoint("verify.row")
         self._checkpoint("verify.committed")
@@ -192,29 +194,29 @@ class Ledger:
         self._checkpoint("vest.committed")
         return cur.rowcount
 
-    def _vesting_delay(self, node: str, now: float) -> float:
+    def _vesting_delay(self, peer_id: str, now: float) -> float:
         p = self.policy
         good, recent_bad = self._db.execute(
             "SELECT COALESCE(SUM(state = 'vested' OR (state = 'held' AND verify = 'passed')), 0),"
             " COALESCE(SUM(state = 'withheld' AND settled_at >= ?), 0) FROM credits WHERE node = ?",
-            (now - p.failure_memory_s, node)).fetchone()
+            (now - p.failure_memory_s, peer_id)).fetchone()
         return p.trusted_delay_s if good >= p.trusted_after and not recent_bad else p.new_delay_s
 
     # -- reading ----------------------------------------------------------------------------
 
-    def node_totals(self, node: str) -> dict[str, Totals]:
+    def node_totals(self, peer_id: str) -> dict[str, Totals]:
         """{state: Totals} for one node (every state present, zeros included)."""
         out = {s: Totals(0, 0.0, 0) for s in ("held", "vested", "withheld")}
         for state, tokens, credits, n in self._db.execute(
-                "SELECT state, SUM(tokens), SUM(credits), COUNT(*) FROM credits WHERE node = ? GROUP BY state", (node,)):
+                "SELECT state, SUM(tokens), SUM(credits), COUNT(*) FROM credits WHERE node = ? GROUP BY state", (peer_id,)):
             out[state] = Totals(int(tokens), float(credits), int(n))
         return out
 
-    def node_requests(self, node: str, limit: int = 1000) -> list[dict]:
+    def node_requests(self, peer_id: str, limit: int = 1000) -> list[dict]:
         """The node's latest booked requests, newest first."""
         rows = self._db.execute(
             "SELECT request_id, model_sha256, tokens, credits, state, verify, reason, source FROM credits"
-            " WHERE node = ? ORDER BY id DESC LIMIT ?", (node, limit))
+            " WHERE node = ? ORDER BY id DESC LIMIT ?", (peer_id, limit))
         return [{"request_id": r, "model_sha256": m, "tokens": t, "credits": round(c, 6), "state": s, "verify": v,
                  "reason": reason, "source": src} for r, m, t, c, s, v, reason, src in rows]
 

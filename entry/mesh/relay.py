@@ -37,27 +37,11 @@ from entry.backend import (
 )
 from entry.mesh import router
 from entry.mesh.view import PENALTY_BAD_RECEIPT, PENALTY_DISCONNECT, PENALTY_FAILED, MeshView, NodeState
-from protocol import INFER_PROTOCOL_ID
 from protocol.errors import ProtocolError, RecordError
-from protocol.framing import FrameReader, FrameWriter
-from protocol.messages import (
-    ERR_BUSY,
-    ERR_INVALID,
-    ERR_LEAVING,
-    ERR_TOO_LONG,
-    Cancel,
-    Error,
-    Final,
-    InferRequest,
-    Leaving,
-    StatusReply,
-    TokenChunk,
-    parse_message,
-    to_wire,
-)
+from protocol.messages import ERR_BUSY, ERR_INVALID, ERR_LEAVING, ERR_TOO_LONG, Final, InferRequest, TokenChunk
 from protocol.records import ReceiptBook, WorkReceipt
 from transport.host import DialError, MeshHost, StreamClosed
-from transport.node_client import NodeError, StreamBroken
+from transport.node_client import NodeCall, NodeError, StreamBroken, open_call
 
 log = logging.getLogger("mesh.entry.backend")
 
@@ -85,9 +69,9 @@ class MeshBackendConfig:
 @dataclass
 class AcceptedReceipt:
     """A node's verified receipt for the tokens it delivered: what credits build on.
-    `node` is the peer id: for the ledger only, never shown to users."""
+    `peer_id` is for the ledger only, never shown to users."""
 
-    node: str
+    peer_id: str
     pseudonym: str
     request_id: str
     model_sha256: str
@@ -99,11 +83,17 @@ class AcceptedReceipt:
 
 @dataclass
 class PartRecord:
-    """One node's share of a finished generation. `receipt` is set for the node that finished
-    it, when its receipt was accepted; earlier nodes of a failover chain have none (they
-    failed before their final frame) but the entry relayed their tokens itself."""
+    """One node's share of a finished generation, for the verifier and the credits ledger.
+    `receipt` is set for the node that finished it, when its receipt was accepted; earlier
+    nodes of a failover chain have none (they failed before their final frame) but the entry
+    relayed their tokens itself.
 
-    node: str  # peer id: for the ledger and the verifier only, never shown to users
+    The parts of a generation, by stage: while it runs the relay keeps a _RunningPart per
+    node (its NodeState, tokens and timing), which becomes this record and, for the user, a
+    ServedPart (entry/backend.py: pseudonym and description only). The ledger books each
+    record as a PartCredit (entry/credits/ledger.py: peer id, tokens it is paid for, receipt)."""
+
+    peer_id: str  # for the ledger and the verifier only, never shown to users
     pseudonym: str
     ids: list[int]
     receipt: AcceptedReceipt | None = None
@@ -162,7 +152,7 @@ def first_token_deadline(config: MeshBackendConfig, request: InferRequest) -> fl
             + len(request.continuation) / REPLAY_FLOOR_TPS)
 
 
-def node_kind(node: NodeState, tps: float | None = None) -> str:
+def describe_node(node: NodeState, tps: float | None = None) -> str:
     """How a node is described to users: model, quantization, speed; nothing identifying."""
     name = router.display_name(node.advert.model_name, node.model_sha256)
     speed = tps or node.decode_tps()
@@ -170,7 +160,9 @@ def node_kind(node: NodeState, tps: float | None = None) -> str:
 
 
 @dataclass
-class _Part:
+class _RunningPart:
+    """One node's share of a generation while it runs (see PartRecord)."""
+
     node: NodeState
     ids: list[int] = field(default_factory=list)
     first_at: float | None = None
@@ -189,88 +181,57 @@ class _Part:
             return None
         return (len(self.ids) - 1) / (self.last_at - self.first_at)
 
+    def record(self, receipt: AcceptedReceipt | None, finished: bool) -> PartRecord:
+        node = self.node
+        return PartRecord(node.peer_id, node.pseudonym, list(self.ids), receipt, finished, node.advert.context_size)
+
+    def served(self) -> ServedPart:
+        return ServedPart(self.node.pseudonym, describe_node(self.node, self.tps()), len(self.ids))
+
 
 class _Attempt:
-    """One request on one node's stream."""
+    """One request on one node: a NodeCall plus the relay's patience with it."""
 
     def __init__(self, host: MeshHost, view: MeshView, node: NodeState, request: InferRequest, config: MeshBackendConfig):
         self.host, self.view, self.node, self.request, self.config = host, view, node, request, config
-        self.stream = None
-        self.reader: FrameReader | None = None
-        self.last_frame_at = trio.current_time()
+        self.call: NodeCall | None = None
 
     async def open(self) -> None:
-        self.stream = await self.host.open_stream(self.node.peer_id, INFER_PROTOCOL_ID, self.node.advert.addrs,
-                                                  timeout=self.config.dial_timeout)
-        self.reader = FrameReader(self.stream)
-        await FrameWriter(self.stream).write_frame(to_wire(self.request))
+        # A Leaving notice mid-generation: it finishes this one within its grace.
+        self.call = await open_call(self.host, self.node.peer_id, self.node.advert.addrs, self.request,
+                                    timeout=self.config.dial_timeout,
+                                    on_leaving=lambda _: self.view.mark_leaving(self.node))
 
     async def next(self, timeout: float) -> TokenChunk | Final:
         """The node's next token chunk or final frame, within `timeout` seconds."""
         deadline = trio.current_time() + timeout
         while True:
-            # The view cancels this scope when the node stops answering status queries.
+            # The view cancels this scope when the node stops answering status queries;
+            # NodeCall.next is cancel-safe, so reading on after that loses nothing.
             with trio.CancelScope(deadline=deadline) as scope:
                 self.node.interrupts.add(scope)
                 try:
-                    return await self._read()
+                    return await self.call.next()
                 finally:
                     self.node.interrupts.discard(scope)
             if trio.current_time() >= deadline:
                 raise _Silent(f"nothing from the node for {timeout:.1f}s")
-            if trio.current_time() - self.last_frame_at >= HUNG_AFTER_S:
+            if trio.current_time() - self.call.last_frame_at >= HUNG_AFTER_S:
                 raise _Silent("the node stopped answering status queries and streaming")
             # Its status stream broke but this stream is alive: trust the tokens, keep reading.
 
-    async def _read(self) -> TokenChunk | Final:
-        # Cancel-safe: a partly read frame stays in the FrameReader's buffer for the next call.
-        rid = self.request.request_id
-        while True:
-            frame = await self.reader.read_frame()
-            if frame is None:
-                raise StreamBroken("node closed the stream before the final frame")
-            self.last_frame_at = trio.current_time()
-            msg = parse_message(frame)
-            if isinstance(msg, (TokenChunk, Final)):
-                if msg.request_id != rid:
-                    raise ProtocolError(f"{msg.T} frame for another request")
-                return msg
-            if isinstance(msg, Error):
-                raise NodeError(msg)
-            if isinstance(msg, Leaving):
-                self.view.mark_leaving(self.node)  # it finishes this one within its grace
-            elif not isinstance(msg, StatusReply):
-                raise ProtocolError(f"unexpected {msg.T!r} frame during a generation")
-
-    async def _bounded(self, fn) -> None:
-        # Runs while the consumer's task may be cancelled: shielded, but never for long.
-        with trio.move_on_after(self.config.cancel_timeout) as cs:
-            cs.shield = True
-            try:
-                await fn()
-            except Exception:
-                pass
-
     async def cancel(self) -> None:
         """The consumer left: tell the node to stop (it frees the slot at once), then close."""
-        if self.stream is None:
-            return
-
-        async def send_cancel() -> None:
-            try:
-                await FrameWriter(self.stream).write_frame(to_wire(Cancel(self.request.request_id)))
-            finally:
-                await self.stream.close()
-
-        await self._bounded(send_cancel)
+        if self.call is not None:
+            await self.call.stop(self.config.cancel_timeout)
 
     async def close(self) -> None:
-        if self.stream is not None:
-            await self._bounded(self.stream.close)
+        if self.call is not None:
+            await self.call.close(self.config.cancel_timeout)
 
     async def abort(self) -> None:
-        if self.stream is not None:
-            await self._bounded(self.stream.reset)
+        if self.call is not None:
+            await self.call.abort(self.config.cancel_timeout)
 
 
 @dataclass
@@ -314,7 +275,8 @@ class MeshBackend:
     def resolve_model(self, model: str) -> ModelEntry | None:
         return router.resolve(self.models(), model)
 
-    def _model_for(self, model: str) -> ModelEntry:
+    def select_model(self, model: str) -> ModelEntry:
+        """See Backend.select_model: the one place a generation's model is chosen."""
         entry = self.resolve_model(model)
         if entry is not None:
             return entry
@@ -332,8 +294,9 @@ class MeshBackend:
 
     # -- generation ---------------------------------------------------------------------------
 
-    async def generate(self, spec: GenerationSpec) -> AsyncIterator[TokenEvent | DoneEvent]:
-        model = self._model_for(spec.model)
+    async def generate(self, spec: GenerationSpec, model: ModelEntry | None = None) -> AsyncIterator[TokenEvent | DoneEvent]:
+        if model is None:
+            model = self.select_model(spec.model)
         request = build_request(spec, model.sha256)
         self.counters.requests += 1
         try:
@@ -349,13 +312,13 @@ class MeshBackend:
     async def _run(self, request: InferRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
         cfg = self.config
         delivered: list[int] = []
-        parts: list[_Part] = []
+        parts: list[_RunningPart] = []
         exclude: set[str] = set()
         failovers = 0
         for _ in range(cfg.max_attempts):
             node = await self._acquire(request.model_sha256, exclude)
             attempt = _Attempt(self.host, self.view, node, dataclasses.replace(request, continuation=list(delivered)), cfg)
-            part = _Part(node)
+            part = _RunningPart(node)
             parts.append(part)
             final: Final | None = None
             failure: Exception | None = None
@@ -388,8 +351,7 @@ class MeshBackend:
                 await attempt.close()
                 accepted = self._settle(part, final, request)
                 self._report_done(request, parts, part, accepted, final)
-                served = [ServedPart(p.node.pseudonym, node_kind(p.node, p.tps()), len(p.ids))
-                          for p in parts if p.ids or p is part]
+                served = [p.served() for p in parts if p.ids or p is part]
                 yield DoneEvent(final.finish_reason, final.prompt_tokens, len(delivered), served, failovers)
                 return
             await (attempt.close() if isinstance(failure, NodeError) else attempt.abort())
@@ -399,7 +361,7 @@ class MeshBackend:
                 self.counters.failovers += 1
         raise MeshUnavailable(f"gave up after {cfg.max_attempts} nodes", retry_after=cfg.retry_after)
 
-    def _handle_failure(self, node: NodeState, e: Exception, part: _Part, delivered: list[int]) -> bool:
+    def _handle_failure(self, node: NodeState, e: Exception, part: _RunningPart, delivered: list[int]) -> bool:
         """Book the node's failure; raise if the request itself is at fault. Returns whether
         the node had taken on the work (so moving on counts as a failover)."""
         now = time.monotonic()
@@ -443,38 +405,49 @@ class MeshBackend:
             # Woken by any change; the cap notices cooldowns running out.
             await self.view.wait_changed(min(left, 0.25))
 
-    def _report_done(self, request: InferRequest, parts: list[_Part], last: _Part, accepted: AcceptedReceipt | None,
-                     final: Final) -> None:
+    def _report_done(self, request: InferRequest, parts: list[_RunningPart], last: _RunningPart,
+                     accepted: AcceptedReceipt | None, final: Final) -> None:
         if self.on_generation_done is None:
             return
-        record = GenerationRecord(request, [
-            PartRecord(p.node.peer_id, p.node.pseudonym, list(p.ids), accepted if p is last else None, p is last,
-                       p.node.advert.context_size)
-            for p in parts if p.ids or p is last], final.finish_reason, final.prompt_tokens)
+        record = GenerationRecord(request, [p.record(accepted if p is last else None, p is last)
+                                            for p in parts if p.ids or p is last],
+                                  final.finish_reason, final.prompt_tokens)
         try:
             self.on_generation_done(record)
         except Exception:  # the ledger's or verifier's problem must not fail the user's request
             log.exception("generation-done callback failed")
 
-    def _settle(self, part: _Part, final: Final, request: InferRequest) -> AcceptedReceipt | None:
-        node = part.node
+    def accept_receipt(self, node: NodeState, request: InferRequest, ids: list[int], final: Final, *,
+                       canary: bool = False) -> AcceptedReceipt | None:
+        """Check the receipt in a node's final frame against what we relayed (`ids`: the
+        tokens this node delivered, continuation excluded) and accept it once; None when it
+        is refused, which costs the node reputation and the credit. Used for user
+        generations and canary probes alike (`canary` only marks the log line); what a
+        served generation earns beyond that (its success, its speed, the on_receipt hook) is
+        the relay's, in _settle."""
         try:
             receipt = WorkReceipt.verify(final.receipt, node=node.peer_id, entry=self.host.peer_id,
                                          request_id=request.request_id, model_sha256=request.model_sha256,
-                                         tokens=part.ids, prompt_tokens=final.prompt_tokens)
+                                         tokens=ids, prompt_tokens=final.prompt_tokens)
             self.receipt_book.accept(receipt)
         except RecordError as e:
             # The user got their tokens; the node loses standing and gets no credit.
             self.counters.receipts_rejected += 1
             node.penalize(time.monotonic(), PENALTY_BAD_RECEIPT)
-            log.warning("receipt rejected", extra={"node": node.pseudonym, "reason": str(e)})
+            log.warning("receipt rejected", extra={"node": node.pseudonym, "reason": str(e),
+                                                   **({"canary": True} if canary else {})})
             return None
-        node.succeeded()
-        if (tps := part.tps()) is not None:
-            node.observe_speed(tps)
         self.counters.receipts_accepted += 1
-        accepted = AcceptedReceipt(node.peer_id, node.pseudonym, request.request_id, request.model_sha256,
-                                   receipt.prompt_tokens, receipt.completion_tokens, receipt, final.receipt)
+        return AcceptedReceipt(node.peer_id, node.pseudonym, request.request_id, request.model_sha256,
+                               receipt.prompt_tokens, receipt.completion_tokens, receipt, final.receipt)
+
+    def _settle(self, part: _RunningPart, final: Final, request: InferRequest) -> AcceptedReceipt | None:
+        accepted = self.accept_receipt(part.node, request, part.ids, final)
+        if accepted is None:
+            return None
+        part.node.succeeded()
+        if (tps := part.tps()) is not None:
+            part.node.observe_speed(tps)
         self.receipts.append(accepted)
         if self.on_receipt is not None:
             try:

@@ -28,11 +28,12 @@ import trio
 from protocol import INFER_PROTOCOL_ID
 from protocol.errors import ProtocolError
 from protocol.framing import FrameReader, FrameWriter
-from protocol.messages import Error, Leaving, StatusQuery, StatusReply, parse_message, to_wire
+from protocol.messages import StatusQuery, StatusReply, to_wire
 from protocol.records import AdvertBook, CapacityAdvert, RecordError
 from transport.dht_keys import ADVERT_NAMESPACE, verify_advert_for_key
 from transport.discovery import discover_all
 from transport.host import DialError, MeshHost, StreamClosed
+from transport.node_client import NodeError, StreamBroken, read_status
 
 log = logging.getLogger("mesh.entry.view")
 
@@ -491,27 +492,23 @@ class MeshView:
         async def listen() -> None:
             while True:
                 try:
-                    frame = await reader.read_frame()
-                    msg = parse_message(frame) if frame is not None else None
-                except StreamClosed:
+                    msg = await read_status(reader, on_leaving=lambda _: self.mark_leaving(node))
+                except StreamBroken as e:
+                    if e.clean:
+                        raise _Lost("status stream closed", blame=not node.leaving) from None
                     raise _Lost("status stream reset") from None
                 except ProtocolError as e:
                     raise _Lost(f"protocol violation: {e}") from None
-                if msg is None:
-                    raise _Lost("status stream closed", blame=not node.leaving)
-                if isinstance(msg, StatusReply):
-                    rtt = time.monotonic() - sent.popleft() if sent else None
-                    first = not node.connected
-                    node.update_status(msg, rtt)
-                    if msg.draining:
-                        self.mark_leaving(node)
-                    if first:
-                        log.info("node routable", extra={"node": node.pseudonym, "slots": msg.total_slots})
-                    self.notify()
-                elif isinstance(msg, Leaving):
+                except NodeError as e:
+                    raise _Lost(f"node answered {e.code}") from None
+                rtt = time.monotonic() - sent.popleft() if sent else None
+                first = not node.connected
+                node.update_status(msg, rtt)
+                if msg.draining:
                     self.mark_leaving(node)
-                elif isinstance(msg, Error):
-                    raise _Lost(f"node answered {msg.code}")
+                if first:
+                    log.info("node routable", extra={"node": node.pseudonym, "slots": msg.total_slots})
+                self.notify()
 
         try:
             async with trio.open_nursery() as nursery:

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass
 
 import trio
 
 from entry.backend import GenerationSpec
-from entry.mesh.relay import AcceptedReceipt, GenerationRecord, MeshBackend, PartRecord, build_request
-from entry.mesh.view import PENALTY_BAD_RECEIPT, NodeState
+from entry.mesh.relay import GenerationRecord, MeshBackend, PartRecord, build_request
+from entry.mesh.view import NodeState
 from entry.verify.verifier import Verifier
-from protocol import INFER_PROTOCOL_ID
-from protocol.errors import ProtocolError, RecordError
+from protocol.errors import ProtocolError
 from protocol.messages import ChatMessage, SamplingParams
-from protocol.records import WorkReceipt
 from transport.host import DialError, StreamClosed
-from transport.node_client import InferCall, NodeError, StreamBroken
+from transport.node_client import NodeError, StreamBroken, open_call
 
 log = logging.getLogger("mesh.entry.canary")
 
@@ -138,44 +135,25 @@ class CanaryProber:
         self.view.acquire(node)
         try:
             with trio.fail_after(self.config.timeout):
-                stream = await self.host.open_stream(node.peer_id, INFER_PROTOCOL_ID, node.advert.addrs,
-                                                     timeout=self.config.dial_timeout)
+                call = await open_call(self.host, node.peer_id, node.advert.addrs, request,
+                                       timeout=self.config.dial_timeout)
                 try:
-                    call = InferCall(stream, request)
-                    await call.send()
                     async for chunk in call.chunks():
                         ids += chunk.ids
                         if len(ids) > request.params.max_tokens:
                             raise ProtocolError("node sent more tokens than max_tokens")
                 finally:
-                    with trio.move_on_after(2.0) as cs:
-                        cs.shield = True
-                        await stream.close()
+                    await call.close(2.0)
         except (NodeError, StreamBroken, DialError, StreamClosed, ProtocolError, trio.TooSlowError) as e:
             log.info("canary probe not completed", extra={"node": node.pseudonym, "error": type(e).__name__})
             return None
         finally:
             self.view.release(node)
         final = call.final
-        accepted = self._accept_receipt(node, request, ids, final)
+        accepted = self.backend.accept_receipt(node, request, ids, final, canary=True)
         record = GenerationRecord(request, [PartRecord(node.peer_id, node.pseudonym, ids, accepted, True,
                                                        node.advert.context_size)],
                                   final.finish_reason, final.prompt_tokens, canary=True)
         self.completed += 1
         self.verifier.on_generation_done(record)
         return record
-
-    def _accept_receipt(self, node: NodeState, request, ids: list[int], final) -> AcceptedReceipt | None:
-        try:
-            receipt = WorkReceipt.verify(final.receipt, node=node.peer_id, entry=self.host.peer_id,
-                                         request_id=request.request_id, model_sha256=request.model_sha256,
-                                         tokens=ids, prompt_tokens=final.prompt_tokens)
-            self.backend.receipt_book.accept(receipt)
-        except RecordError as e:
-            self.backend.counters.receipts_rejected += 1
-            node.penalize(time.monotonic(), PENALTY_BAD_RECEIPT)
-            log.warning("receipt rejected", extra={"node": node.pseudonym, "reason": str(e), "canary": True})
-            return None
-        self.backend.counters.receipts_accepted += 1
-        return AcceptedReceipt(node.peer_id, node.pseudonym, request.request_id, request.model_sha256,
-                               receipt.prompt_tokens, receipt.completion_tokens, receipt, final.receipt)

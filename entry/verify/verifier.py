@@ -60,7 +60,7 @@ class VerifierConfig:
 @dataclass
 class Verdict:
     request_id: str
-    node: str  # peer id
+    peer_id: str
     pseudonym: str
     model_sha256: str
     passed: bool
@@ -96,7 +96,7 @@ class _Outcome:
 class _Job:
     record: GenerationRecord
     model: VerifyModel
-    skip: set[str] = field(default_factory=set)  # nodes already failed by a structural check
+    skip: set[str] = field(default_factory=set)  # peer ids already failed by a structural check
 
 
 class Verifier:
@@ -176,7 +176,7 @@ class Verifier:
         model = self.models.get(req.model_sha256)
         structural = self._structural(record)
         sampled = model is not None and (record.canary or any(
-            self._rng.random() < self.rate_for(self._state(p.node)) for p in record.parts))
+            self._rng.random() < self.rate_for(self._state(p.peer_id)) for p in record.parts))
         queued = False
         if sampled:
             try:
@@ -188,7 +188,7 @@ class Verifier:
             except trio.WouldBlock:
                 self.m_skipped.inc(why="queue_full")
         if self.ledger is not None:
-            parts = [PartCredit(p.node, len(p.ids) if (p.receipt is not None or not p.finished) else 0,
+            parts = [PartCredit(p.peer_id, len(p.ids) if (p.receipt is not None or not p.finished) else 0,
                                 p.receipt.blob if p.receipt is not None else None) for p in record.parts]
             weight = self.weight(req.model_sha256)
             booked = self.ledger.book(req.request_id, req.model_sha256, parts, weight=weight, pending=queued,
@@ -196,19 +196,19 @@ class Verifier:
             if booked:
                 self.m_credits.inc(sum(p.tokens for p in parts) * weight)
         for part in record.parts:
-            if part.node in structural:
-                self._apply(record, Verdict(req.request_id, part.node, part.pseudonym, req.model_sha256, False,
-                                            structural[part.node], len(part.ids), False, record.canary))
+            if part.peer_id in structural:
+                self._apply(record, Verdict(req.request_id, part.peer_id, part.pseudonym, req.model_sha256, False,
+                                            structural[part.peer_id], len(part.ids), False, record.canary))
 
     def _structural(self, record: GenerationRecord) -> dict[str, str]:
-        """Failures visible without the model: {node: reason}."""
+        """Failures visible without the model: {peer id: reason}."""
         req, last = record.request, record.parts[-1]
         n = len(record.ids)
         if record.finish_reason == "length":
             ctx = last.context_size or 1 << 30
             short = n < min(req.params.max_tokens, self.config.length_floor)
             if short and record.prompt_tokens + n < ctx - 1:
-                return {last.node: "truncated"}
+                return {last.peer_id: "truncated"}
         return {}
 
     # -- re-scoring ------------------------------------------------------------------------------
@@ -300,9 +300,9 @@ class Verifier:
         for k, part in enumerate(rec.parts):
             if checks[k].ok and any(eng.is_end(t) for t in part.ids):
                 checks[k].ok, checks[k].reason = False, "ran_past_end"
-        verdicts = [Verdict(req.request_id, p.node, p.pseudonym, req.model_sha256, c.ok, c.reason, len(p.ids), True,
+        verdicts = [Verdict(req.request_id, p.peer_id, p.pseudonym, req.model_sha256, c.ok, c.reason, len(p.ids), True,
                             rec.canary, round(c.max_deviation, 4), c.pvalue, c.soft_violations)
-                    for p, c in zip(rec.parts, checks) if p.node not in job.skip]
+                    for p, c in zip(rec.parts, checks) if p.peer_id not in job.skip]
         return _Outcome(verdicts, time.perf_counter() - t0, n)
 
     def _end_problem(self, eng: Engine, rec: GenerationRecord, prompt: list[int], end_dev: float | None) -> str:
@@ -331,6 +331,6 @@ class Verifier:
             log.warning("verification failed", extra={"node": v.pseudonym, "reason": v.reason, "tokens": v.tokens,
                                                       "max_deviation": v.max_deviation, "canary": v.canary})
         if self.ledger is not None:
-            self.ledger.settle_verification(v.request_id, {v.node: (v.passed, v.reason)})
+            self.ledger.settle_verification(v.request_id, {v.peer_id: (v.passed, v.reason)})
         if self.view is not None:
-            self.view.record_verdict(v.node, v.model_sha256, v.passed, v.reason)
+            self.view.record_verdict(v.peer_id, v.model_sha256, v.passed, v.reason)

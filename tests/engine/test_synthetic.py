@@ -22,7 +22,7 @@ from protocol.messages import ChatMessage, InferRequest, SamplingParams
 from protocol.records import WorkReceipt, token_digest
 from tests.support.node_harness import ENTRY_ID, connect
 from tests.support.node_procs import spawn_entry, spawn_node, wait_ready_sync
-from transport.node_client import InferCall
+from transport.node_client import NodeCall
 
 FAST = 1e6  # tokens/s: no waiting in unit tests
 
@@ -161,7 +161,7 @@ async def test_node_service_serves_the_synthetic_engine_in_process():
     async with trio.open_nursery() as nursery:
         stream = connect(nursery, service)
         request = req("through the service", max_tokens=60, rid="req-svc-0001")
-        call = InferCall(stream, request)
+        call = NodeCall(stream, request)
         await call.send()
         ids, text, frames = [], "", 0
         with trio.fail_after(10):

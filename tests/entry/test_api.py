@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from entry.api.apikeys import ApiKeyStore
 from entry.api.ratelimit import RateLimits
 from entry.backend import GenerationSpec
-from tests.support.fake_backend import KIND, MODEL, WORDS, FakeBackend, parse_sse, running_api
+from tests.support.fake_backend import DESCRIPTION, MODEL, WORDS, FakeBackend, parse_sse, running_api
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -42,7 +42,7 @@ async def test_chat_non_streaming():
     assert choice["finish_reason"] == "stop"
     assert choice["logprobs"] is None
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": len(WORDS), "total_tokens": 2 + len(WORDS)}
-    assert body["mesh"] == {"served_by": [{"node": "amber-fox", "kind": KIND, "completion_tokens": len(WORDS)}],
+    assert body["mesh"] == {"served_by": [{"node": "amber-fox", "kind": DESCRIPTION, "completion_tokens": len(WORDS)}],
                             "failovers": 0}
 
 
@@ -63,7 +63,7 @@ async def test_chat_streaming_with_usage():
     final, usage = chunks[-2], chunks[-1]
     assert final["choices"][0]["finish_reason"] == "stop"
     assert final["choices"][0]["delta"] == {}
-    assert final["mesh"]["served_by"][0]["kind"] == KIND
+    assert final["mesh"]["served_by"][0]["kind"] == DESCRIPTION
     assert final["mesh"]["failovers"] == 1
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
     assert all(c["usage"] is None for c in chunks[:-1])

@@ -8,7 +8,7 @@ import trio
 from entry.api.apikeys import ApiKeyStore
 from entry.api.ratelimit import RateLimits
 from entry.backend import InvalidGeneration, MeshUnavailable, UnknownModel
-from tests.support.fake_backend import FakeBackend, running_api
+from tests.support.fake_backend import MODEL, FakeBackend, running_api
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -264,3 +264,23 @@ async def test_open_mode_shares_one_bucket():
     assert first.status_code == 200
     error_of(second, 429, "rate_limit_error")
     assert second.headers["retry-after"] == "60"
+
+
+async def test_the_model_is_chosen_once_and_generations_run_on_it():
+    backend = FakeBackend()
+    with trio.fail_after(10):
+        async with running_api(backend) as api:
+            r = await api.client.post(CHAT, json=chat_body(n=3, temperature=1))
+    assert r.status_code == 200
+    assert backend.selections == 1 and backend.given_models == [MODEL] * 3
+
+
+async def test_a_known_model_with_no_node_now_is_503_before_any_generation():
+    """Its nodes just left (or are still connecting): unavailable, not unknown."""
+    backend = FakeBackend(unserved={"gone-model"})
+    with trio.fail_after(10):
+        async with running_api(backend) as api:
+            r = await api.client.post(CHAT, json=chat_body(model="gone-model", stream=True))
+    err = error_of(r, 503, "server_error", "mesh_unavailable")
+    assert "gone-model" in err["message"] and r.headers["retry-after"] == "4"
+    assert backend.specs == []

@@ -12,7 +12,7 @@ import trio
 from entry.api.apikeys import ApiKeyStore
 from entry.api.ratelimit import RateLimits
 from entry.backend import MeshUnavailable
-from tests.support.fake_backend import KIND, WORDS, FakeBackend, running_api
+from tests.support.fake_backend import DESCRIPTION, WORDS, FakeBackend, running_api
 
 FULL = "".join(WORDS)
 MESSAGES = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
@@ -41,7 +41,7 @@ async def test_openai_chat_streaming_and_not():
     assert done.choices[0].message.content == FULL
     assert done.choices[0].finish_reason == "stop"
     assert done.usage.completion_tokens == len(WORDS)
-    assert done.model_extra["mesh"]["served_by"][0]["kind"] == KIND
+    assert done.model_extra["mesh"]["served_by"][0]["kind"] == DESCRIPTION
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == FULL
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.total_tokens == len(WORDS) + 3

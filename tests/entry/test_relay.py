@@ -73,13 +73,13 @@ async def test_two_nodes_discovered_listed_and_generation_matches_the_node(tmp_p
         assert (done.finish_reason, done.completion_tokens, done.failovers) == ("length", 64, 0)
         assert done.prompt_tokens > 0 and len(done.served_by) == 1
         part = done.served_by[0]
-        assert part.completion_tokens == 64 and part.node in {v["node"] for v in view}
-        assert part.kind.startswith("endless F32")
+        assert part.completion_tokens == 64 and part.pseudonym in {v["node"] for v in view}
+        assert part.description.startswith("endless F32")
 
         [receipt] = seen
         assert list(backend.receipts) == seen
-        server = backend.view.by_pseudonym(part.node)
-        assert (receipt.node, receipt.completion_tokens, receipt.model_sha256) == (server.peer_id, 64, sha)
+        server = backend.view.by_pseudonym(part.pseudonym)
+        assert (receipt.peer_id, receipt.completion_tokens, receipt.model_sha256) == (server.peer_id, 64, sha)
         assert receipt.receipt.entry == host.peer_id
 
         # Two at once: each node has one slot, so they must land on different nodes.
@@ -93,7 +93,7 @@ async def test_two_nodes_discovered_listed_and_generation_matches_the_node(tmp_p
             nursery.start_soon(one)
         (a, _, da), (b, _, db) = results
         assert a == b and len(a) == 400
-        assert {da.served_by[0].node, db.served_by[0].node} == {v["node"] for v in view}
+        assert {da.served_by[0].pseudonym, db.served_by[0].pseudonym} == {v["node"] for v in view}
 
 
 async def test_kill_9_of_the_serving_node_mid_stream_continues_on_the_other(tmp_path, endless):
@@ -117,8 +117,8 @@ async def test_kill_9_of_the_serving_node_mid_stream_continues_on_the_other(tmp_
         assert ids == reference and text == ref_text
         assert done.failovers == 1 and done.completion_tokens == LONG and done.finish_reason == "length"
         first, second = done.served_by
-        assert first.node == backend.view.pseudonym(killed["node"].peer_id)
-        assert first.node != second.node
+        assert first.pseudonym == backend.view.pseudonym(killed["node"].peer_id)
+        assert first.pseudonym != second.pseudonym
         assert first.completion_tokens + second.completion_tokens == LONG and first.completion_tokens >= killed["tokens"]
         # Only the survivor finished, so only it has a receipt for this request, over its share.
         assert backend.receipts[-1].completion_tokens == second.completion_tokens
@@ -148,11 +148,11 @@ async def test_graceful_stop_leaves_routing_at_once_and_finishes_in_flight(tmp_p
 
         ids, _, done = await collect(backend, completion_spec(MODEL_ID, PROMPT, LONG), stop_on_first_token)
         assert ids == reference
-        assert done.failovers == 0 and [p.node for p in done.served_by] == [backend.view.pseudonym(stopped["node"].peer_id)]
-        assert stopped["other"].served_by[0].node != done.served_by[0].node
+        assert done.failovers == 0 and [p.pseudonym for p in done.served_by] == [backend.view.pseudonym(stopped["node"].peer_id)]
+        assert stopped["other"].served_by[0].pseudonym != done.served_by[0].pseudonym
         assert await stopped["node"].wait_exit(30) == 0
         await wait_for(lambda: not any(v["state"] in ("ready", "busy") for v in backend.nodes_view()
-                                       if v["node"] == done.served_by[0].node), 10, "stopped node out of the view")
+                                       if v["node"] == done.served_by[0].pseudonym), 10, "stopped node out of the view")
         [m] = backend.models()
         assert m.nodes == 1
         print(f"\ngracefully stopping node left routing {stopped['left_routing_s'] * 1000:.0f} ms after `mesh node stop` returned")

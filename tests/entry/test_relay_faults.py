@@ -6,6 +6,7 @@ deterministic and fast."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import aclosing, asynccontextmanager
 
@@ -13,9 +14,11 @@ import pytest
 import trio
 
 from entry.backend import GenerationSpec, InvalidGeneration, MeshUnavailable, TokenEvent, UnknownModel
-from entry.mesh.relay import MeshBackend, MeshBackendConfig, open_mesh_backend
-from entry.mesh.view import MeshView
+from entry.mesh.relay import MeshBackend, MeshBackendConfig, build_request, open_mesh_backend
+from entry.mesh.view import REPUTATION_NEUTRAL, MeshView, NodeState
 from protocol.identity import Identity
+from protocol.messages import Final
+from protocol.records import CapacityAdvert, WorkReceipt, token_digest
 from tests.support.endless_model import write_endless_llama
 from tests.support.mesh_fakes import FakeHost, add_node, faulty
 from tests.support.mesh_nodes import collect, completion_spec
@@ -61,13 +64,13 @@ async def test_failure_mid_stream_continues_on_another_node(model, mode):
         ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, N))
         assert ids == expected
         assert done.failovers == 1 and done.completion_tokens == N and done.finish_reason == "length"
-        assert [p.node for p in done.served_by] == [bad.pseudonym, good.pseudonym]
+        assert [p.pseudonym for p in done.served_by] == [bad.pseudonym, good.pseudonym]
         first = N if mode == "extra" else 5
         assert [p.completion_tokens for p in done.served_by] == [first, N - first]
         assert host.opened == [bad.peer_id, good.peer_id]
         assert bad.total_failures == 1 and bad.reputation < 0.9 and not bad.routable(time.monotonic())
         [receipt] = backend.receipts
-        assert (receipt.node, receipt.completion_tokens) == (good.peer_id, N - first)
+        assert (receipt.peer_id, receipt.completion_tokens) == (good.peer_id, N - first)
 
 
 @pytest.mark.parametrize("mode", ["busy", "leaving", "internal"])
@@ -78,7 +81,7 @@ async def test_refusal_before_any_token_goes_to_another_node(model, mode):
         good = add_node(host, view, make_service(model))
         bad.reputation = 0.9
         ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, 16))
-        assert len(ids) == 16 and [p.node for p in done.served_by] == [good.pseudonym]
+        assert len(ids) == 16 and [p.pseudonym for p in done.served_by] == [good.pseudonym]
         if mode == "busy":  # not its fault: held back briefly, not blamed
             assert done.failovers == 0 and bad.failures == 0 and bad.reputation == 0.9
             assert bad.cooldown_until > time.monotonic()
@@ -119,7 +122,7 @@ async def test_unreachable_node_is_skipped(model):
         good = add_node(host, view, make_service(model))
         gone.reputation = 0.9
         _, _, done = await collect(backend, completion_spec("tiny", PROMPT, 8))
-        assert [p.node for p in done.served_by] == [good.pseudonym] and done.failovers == 0
+        assert [p.pseudonym for p in done.served_by] == [good.pseudonym] and done.failovers == 0
         assert not gone.routable(time.monotonic()) and not gone.connected
 
 
@@ -235,3 +238,56 @@ async def test_lost_status_stream_does_not_abandon_a_node_that_still_streams(mod
         nursery.start_soon(flap)
         ids, _, done = await collect(backend, completion_spec("tiny", "Hello", 400))
         assert len(ids) == 400 and done.failovers == 0 and hits > 0
+
+
+async def test_accept_receipt_is_the_one_check_for_generations_and_probes():
+    """MeshBackend.accept_receipt (the relay's settlement and the canary's both) accepts a
+    matching receipt once and counts it; a replay or a mismatch is refused at the node's
+    cost. What a served generation earns beyond the receipt (served count, the on_receipt
+    hook, the receipts list) stays with the relay, so a probe does not touch it."""
+    async with mesh() as (nursery, host, view, backend):
+        ident = Identity.generate()
+        now = time.time()
+        adv = CapacityAdvert(node=ident.peer_id, model_sha256="ab" * 32, model_name="m", quantization="F32",
+                             context_size=512, prefill_tps=0.0, decode_tps=0.0, total_slots=1, free_slots=1, seq=1,
+                             issued_at=now, expires_at=now + 3600)
+        node = view.track(NodeState(ident.peer_id, view.pseudonym(ident.peer_id), adv))
+        hooked = []
+        backend.on_receipt = hooked.append
+        request = build_request(completion_spec("m", PROMPT, 8), adv.model_sha256)
+        ids = [5, 6, 7]
+        blob = WorkReceipt(request.request_id, adv.model_sha256, 4, len(ids), token_digest(ids), ident.peer_id,
+                           host.peer_id, now).sign(ident)
+        final = Final(request.request_id, "stop", 4, len(ids), blob)
+
+        accepted = backend.accept_receipt(node, request, ids, final, canary=True)
+        assert (accepted.peer_id, accepted.pseudonym, accepted.completion_tokens, accepted.blob) == (
+            ident.peer_id, node.pseudonym, 3, blob)
+        assert backend.counters.receipts_accepted == 1 and node.reputation == REPUTATION_NEUTRAL
+        assert hooked == [] and list(backend.receipts) == [] and node.served == 0
+
+        assert backend.accept_receipt(node, request, ids, final) is None  # the same receipt again
+        assert backend.accept_receipt(node, dataclasses.replace(request, request_id="req-other-0001"), ids, final) is None
+        assert backend.counters.receipts_rejected == 2 and node.failures == 2 and node.reputation < REPUTATION_NEUTRAL
+
+
+async def test_select_model_tells_unknown_from_unavailable_and_generate_does_not_ask_again(model):
+    async with mesh() as (nursery, host, view, backend):
+        node = add_node(host, view, make_service(model))
+        entry = backend.select_model("tiny")
+        assert entry.sha256 == node.model_sha256
+        with pytest.raises(UnknownModel):
+            backend.select_model("no-such-model")
+
+        def no_second_choice(name):
+            raise AssertionError("generate chose the model again")
+
+        backend.select_model = no_second_choice
+        async with aclosing(backend.generate(completion_spec("tiny", PROMPT, 4), entry)) as events:
+            done = [ev async for ev in events][-1]
+        assert done.completion_tokens == 4
+        del backend.select_model
+
+        node.connected = False  # its status stream is gone: known, but nobody serves it now
+        with pytest.raises(MeshUnavailable):
+            backend.select_model("tiny")

@@ -61,4 +61,4 @@ async def test_smollm2_kill_9_mid_stream_equals_uninterrupted_greedy(tmp_path, s
         print(f"\nSmolLM2 failover gap (kill -> next token): {early['gap'] * 1000:.0f} ms after {early['tokens']} token(s), "
               f"{late['gap'] * 1000:.0f} ms after {late['tokens']} tokens (the new node replays them one by one)"
               f"\nnew node: process ready in {ready:.2f}s, routable {to_routable:.2f}s later"
-              f"\nspeed seen by the entry: {', '.join(p.kind for p in done.served_by)}")
+              f"\nspeed seen by the entry: {', '.join(p.description for p in done.served_by)}")

@@ -9,7 +9,7 @@ import pytest
 
 from entry.backend import GenerationSpec
 from entry.mesh import router
-from entry.mesh.relay import MeshBackendConfig, build_request, first_token_deadline, node_kind
+from entry.mesh.relay import MeshBackendConfig, build_request, describe_node, first_token_deadline
 from entry.mesh.view import COOLDOWN_MAX_S, REPUTATION_NEUTRAL, NodeState, Pseudonyms
 from protocol.messages import ChatMessage, InferRequest, SamplingParams, StatusReply
 from protocol.records import CapacityAdvert
@@ -224,11 +224,11 @@ def test_catalog_counts_only_live_nodes_and_cleans_names():
     assert router.display_name("SmolLM2-135M-Instruct", SHA) == "SmolLM2-135M-Instruct"
 
 
-def test_node_kind_describes_without_identifying():
+def test_describe_node_without_identifying():
     n = node("12D3KooWsecret", tps=95.4)
-    kind = node_kind(n)
-    assert kind == "smol Q4_1, 95 tok/s" and "12D3" not in kind
-    assert node_kind(node(tps=0.0)) == "smol Q4_1"
+    description = describe_node(n)
+    assert description == "smol Q4_1, 95 tok/s" and "12D3" not in description
+    assert describe_node(node(tps=0.0)) == "smol Q4_1"
 
 
 # -- what a node receives ---------------------------------------------------------------------------

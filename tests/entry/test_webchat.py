@@ -16,7 +16,7 @@ from trio_websocket import open_websocket_url
 
 from entry.api.apikeys import ApiKeyStore
 from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS
-from tests.support.fake_backend import KIND, FakeBackend, running_api
+from tests.support.fake_backend import DESCRIPTION, FakeBackend, running_api
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary (apt-get install chromium)")
 
@@ -85,7 +85,7 @@ async def test_webchat_streams_an_answer_and_stops(tmp_path):
                 p.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true})); })()""")
             meta = await page.wait_for("document.querySelector('.msg.assistant:not(.streaming) .meta')?.textContent")
             assert await page.js("document.querySelector('.msg.assistant .text').textContent") == "Hello, I am a fake model. Nice to meet you!"
-            assert KIND in meta and "13 completion tokens" in meta
+            assert DESCRIPTION in meta and "13 completion tokens" in meta
             spec = backend.specs[-1]
             assert spec.params.max_tokens == 512 and spec.params.temperature == 0.7
             assert [m.content for m in spec.messages] == ["Hello there"]

@@ -14,14 +14,14 @@ from protocol.records import WorkReceipt
 from tests.support.node_procs import mesh_cmd, start_node
 from transport.discovery import discover_model
 from transport.host import open_mesh_host
-from transport.node_client import InferCall, NodeError, query_status
+from transport.node_client import NodeCall, NodeError, query_status
 
 FAST = ("--skip-benchmark", "--threads", "1", "--advert-interval", "1")
 
 
 async def run_request(host, node, req: InferRequest):
     stream = await host.open_stream(node.peer_id, INFER_PROTOCOL_ID, node.addrs)
-    call = InferCall(stream, req)
+    call = NodeCall(stream, req)
     await call.send()
     ids = []
     async for chunk in call.chunks():
@@ -87,7 +87,7 @@ async def test_sigterm_drains_in_flight_and_refuses_new(tmp_path, smollm2_path):
             stream = await host.open_stream(node.peer_id, INFER_PROTOCOL_ID, node.addrs)
             # Counting never hits end-of-text, so the generation is long and still running
             # when the signal arrives.
-            call = InferCall(stream, completion(sha, "req-drain-001", "1, 2, 3, 4, 5, 6,", 160))
+            call = NodeCall(stream, completion(sha, "req-drain-001", "1, 2, 3, 4, 5, 6,", 160))
             await call.send()
             chunks = call.chunks()
             ids = list((await chunks.__anext__()).ids)

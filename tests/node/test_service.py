@@ -17,7 +17,7 @@ from protocol.messages import (
 )
 from protocol.records import WorkReceipt
 from tests.support.node_harness import ENTRY_ID, collect, connect, gated_service, make_service, request, wait_for
-from transport.node_client import InferCall, NodeError, query_status
+from transport.node_client import NodeCall, NodeError, query_status
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ async def test_cancel_stops_generation(tiny_gguf):
     service, eng = gated_service(tiny_gguf, pause_after=5)
     async with trio.open_nursery() as n:
         s = connect(n, service)
-        call = InferCall(s, request(service, max_tokens=400))
+        call = NodeCall(s, request(service, max_tokens=400))
         await call.send()
         got = 0
         with pytest.raises(NodeError) as e:
@@ -212,7 +212,7 @@ async def test_requester_vanishing_frees_the_slot(tiny_gguf):
     service, eng = gated_service(tiny_gguf, pause_after=2)
     async with trio.open_nursery() as n:
         s = connect(n, service)
-        call = InferCall(s, request(service, max_tokens=400))
+        call = NodeCall(s, request(service, max_tokens=400))
         await call.send()
         await wait_for(eng.paused)
         await s.close()  # vanish mid-stream
@@ -226,7 +226,7 @@ async def test_draining_refuses_new_and_finishes_in_flight(tiny_gguf):
     service, eng = gated_service(tiny_gguf, pause_after=3)
     async with trio.open_nursery() as n:
         s1 = connect(n, service)
-        call = InferCall(s1, request(service, max_tokens=60))
+        call = NodeCall(s1, request(service, max_tokens=60))
         await call.send()
         await wait_for(eng.paused)
         await service.announce_leaving(10.0)
@@ -252,7 +252,7 @@ async def test_drain_deadline_cancels_with_leaving_error(tiny_gguf):
     service, eng = gated_service(tiny_gguf, pause_after=3)
     async with trio.open_nursery() as n:
         s = connect(n, service)
-        call = InferCall(s, request(service, max_tokens=60))
+        call = NodeCall(s, request(service, max_tokens=60))
         await call.send()
         await wait_for(eng.paused)
         await service.announce_leaving(0.0)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 WORDS = ["Hello", ",", " I", " am", " a", " fake", " model", ".", " Nice", " to", " meet", " you", "!"]
 MODEL = ModelEntry(id="fake-model", sha256="ab" * 32, name="FakeModel", quantization="Q4_1", context_size=2048,
                    nodes=2, created=1_700_000_000)
-KIND = "FakeModel Q4_1 on CPU, 100 tok/s"
+DESCRIPTION = "FakeModel Q4_1 on CPU, 100 tok/s"  # of the node that served, as users see it
 
 
 def script(spec: GenerationSpec) -> list[str]:
@@ -47,7 +47,10 @@ class FakeBackend:
     delay: float = 0.0  # seconds before each token event
     per_event: int = 1  # tokens per TokenEvent
     failovers: int = 0
+    unserved: set[str] = field(default_factory=set)  # ids known but with no node now: select_model says 503
     specs: list[GenerationSpec] = field(default_factory=list)
+    given_models: list[ModelEntry | None] = field(default_factory=list)  # generate's `model`, per call
+    selections: int = 0  # select_model calls
     closed: int = 0  # generations whose iterator was closed or cancelled before finishing
     finished: int = 0
     hanging: trio.Event = field(default_factory=trio.Event)
@@ -59,6 +62,15 @@ class FakeBackend:
     def resolve_model(self, model: str) -> ModelEntry | None:
         return next((m for m in self.models_list if model in (m.id, m.sha256)), None)
 
+    def select_model(self, model: str) -> ModelEntry:
+        self.selections += 1
+        entry = self.resolve_model(model)
+        if entry is not None:
+            return entry
+        if model in self.unserved:
+            raise MeshUnavailable(f"no node serves {model} right now", retry_after=4)
+        raise UnknownModel(f"no node serves {model}")
+
     def nodes_view(self) -> list[dict]:
         return [{"node": "amber-fox", "model": MODEL.id, "slots": 2, "free": 2, "reputation": 1.0},
                 {"node": "blue-owl", "model": MODEL.id, "slots": 1, "free": 0, "reputation": 0.9}]
@@ -67,13 +79,14 @@ class FakeBackend:
         return {f'mesh_nodes{{model="{m.id}"}}': m.nodes for m in self.models_list} | {"mesh_known_peers": 2,
                                                                                       "bad key!": 1}
 
-    def generate(self, spec: GenerationSpec):
+    def generate(self, spec: GenerationSpec, model: ModelEntry | None = None):
         self.specs.append(spec)
-        return self._run(spec)
+        self.given_models.append(model)
+        return self._run(spec, model)
 
-    async def _run(self, spec: GenerationSpec):
-        if self.resolve_model(spec.model) is None:
-            raise UnknownModel(f"no node serves {spec.model}")
+    async def _run(self, spec: GenerationSpec, model: ModelEntry | None):
+        if model is None:
+            self.select_model(spec.model)
         if self.fail_before is not None:
             raise self.fail_before
         finished = False
@@ -109,7 +122,7 @@ class FakeBackend:
                 out.extend(batch)
                 yield ev
             yield DoneEvent(finish_reason=finish, prompt_tokens=prompt_tokens(spec), completion_tokens=len(out),
-                            served_by=[ServedPart("amber-fox", KIND, len(out))], failovers=self.failovers)
+                            served_by=[ServedPart("amber-fox", DESCRIPTION, len(out))], failovers=self.failovers)
             finished = True
             self.finished += 1
         finally:

@@ -38,7 +38,7 @@ def workload(n: int):
         if i % 4 == 3:  # failover: the first node relayed some tokens, another finished
             parts = [PartCredit(first, 3 + i % 5, None), PartCredit(NODES[(i + 1) % 3], 4 + i % 6, b"receipt-%d" % i)]
         sampled = i % 3 == 0
-        verdicts = {p.node: (not (i % 9 == 0 and p.node == parts[-1].node), "token_mismatch") for p in parts} if sampled else {}
+        verdicts = {p.peer_id: (not (i % 9 == 0 and p.peer_id == parts[-1].peer_id), "token_mismatch") for p in parts} if sampled else {}
         yield rid, parts, sampled, verdicts, 1000.0 + 10.0 * i
 
 

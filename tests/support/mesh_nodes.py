@@ -14,12 +14,11 @@ import trio
 
 from entry.backend import DoneEvent, GenerationSpec, TokenEvent
 from entry.mesh.relay import MeshBackendConfig, open_mesh_backend
-from protocol import INFER_PROTOCOL_ID
 from protocol.identity import Identity
 from protocol.messages import InferRequest, SamplingParams
 from tests.support.node_procs import NodeProc, mesh_cmd, start_node
 from transport.host import open_mesh_host
-from transport.node_client import InferCall
+from transport.node_client import open_call
 
 # --threads 1: two llama.cpp processes on two cores, never more (spin-waiting threads make an
 # oversubscribed machine ~100x slower).
@@ -107,13 +106,12 @@ async def collect(backend, spec: GenerationSpec, on_token: Callable[[TokenEvent,
 
 async def direct(host, node: NodeProc, sha: str, prompt: str, max_tokens: int, rid: str = "direct-0000001") -> list[int]:
     """The node's own greedy output, asked over a plain stream (no entry logic)."""
-    stream = await host.open_stream(node.peer_id, INFER_PROTOCOL_ID, node.addrs)
-    call = InferCall(stream, InferRequest(rid, sha, "completion", SamplingParams(max_tokens=max_tokens), prompt=prompt))
-    await call.send()
+    call = await open_call(host, node.peer_id, node.addrs,
+                           InferRequest(rid, sha, "completion", SamplingParams(max_tokens=max_tokens), prompt=prompt))
     ids: list[int] = []
     async for chunk in call.chunks():
         ids += chunk.ids
-    await stream.close()
+    await call.close()
     return ids
 
 

@@ -10,7 +10,7 @@ from node.admission import Admission
 from node.service import NodeService
 from protocol.identity import Identity
 from protocol.messages import ChatMessage, InferRequest, SamplingParams
-from transport.node_client import InferCall
+from transport.node_client import NodeCall
 
 ENTRY_ID = "entry-under-test"
 
@@ -59,8 +59,8 @@ def request(service: NodeService, *, prompt: str = "Hello", max_tokens: int = 16
     return InferRequest(f"req-{_counter:08d}", service.model_sha256, "completion", sp, prompt=prompt)
 
 
-async def collect(stream, req: InferRequest) -> tuple[list[int], str, InferCall]:
-    call = InferCall(stream, req)
+async def collect(stream, req: InferRequest) -> tuple[list[int], str, NodeCall]:
+    call = NodeCall(stream, req)
     await call.send()
     ids: list[int] = []
     text = ""

@@ -58,7 +58,7 @@ async def test_output_cheats_are_caught_withheld_and_demoted(tmp_path, smollm2_p
         assert entry.backend.models()[0].sha256 == inspect_model(smollm2_path).sha256  # it claims SmolLM2
         await _two_requests(entry, model_id)
 
-        verdicts = [v for v in entry.verify.verifier.verdicts if v.node == node.peer_id]
+        verdicts = [v for v in entry.verify.verifier.verdicts if v.peer_id == node.peer_id]
         assert len(verdicts) == 2 and not any(v.passed for v in verdicts), verdicts
         totals = entry.credits.ledger.node_totals(node.peer_id)
         assert totals["held"].credits == 0 and totals["vested"].credits == 0
@@ -79,7 +79,7 @@ async def test_truncation_claiming_full_length_is_caught_without_the_model(tmp_p
         ids, _, done = await collect(entry.backend, completion_spec(model_id, PROMPT, 40))
         assert len(ids) == 3 and done.finish_reason == "length"
         await entry.verify.verifier.wait_idle(30)
-        [v] = [v for v in entry.verify.verifier.verdicts if v.node == node.peer_id]
+        [v] = [v for v in entry.verify.verifier.verdicts if v.peer_id == node.peer_id]
         assert not v.passed and v.reason == "truncated" and not v.rescored
         assert entry.credits.ledger.node_totals(node.peer_id)["withheld"].tokens == 3
 

@@ -62,7 +62,7 @@ async def test_honest_nodes_with_1_and_2_threads_are_never_flagged(tmp_path, smo
         assert len(verdicts) == 24
         bad = [v for v in verdicts if not v.passed]
         assert not bad, bad
-        per_node = {n.peer_id: sum(v.node == n.peer_id for v in verdicts) for n in (n1, n2)}
+        per_node = {n.peer_id: sum(v.peer_id == n.peer_id for v in verdicts) for n in (n1, n2)}
         assert min(per_node.values()) == 12
         assert entry.credits.ledger.node_totals(n1.peer_id)["withheld"].requests == 0
         worst = max(v.max_deviation for v in verdicts)
@@ -96,7 +96,7 @@ async def test_failover_split_credits_and_verifies_each_node_for_its_own_tokens(
         assert a[0]["source"] == "relayed" and b[0]["source"] == "receipt"
         assert a[0]["tokens"] + b[0]["tokens"] == 40 and a[0]["tokens"] >= 8
         assert a[0]["verify"] == b[0]["verify"] == "passed"
-        assert {v.node for v in entry.verify.verifier.verdicts if v.passed} == {victim.peer_id, survivor.peer_id}
+        assert {v.peer_id for v in entry.verify.verifier.verdicts if v.passed} == {victim.peer_id, survivor.peer_id}
 
 
 async def test_a_demoted_honest_node_is_reinstated_by_canary_probes(tmp_path, smollm2_path):
