@@ -12,7 +12,9 @@ Semantics (documented because verifiers and failover depend on them):
      continuation and generated tokens), llama.cpp style: for a token seen c > 0 times,
      logit = logit / repeat_penalty if logit > 0 else logit * repeat_penalty, then
      logit -= c * frequency_penalty + presence_penalty (repeat_penalty <= 0 counts as 1);
-  2. logits / temperature;
+  2. logits / temperature; where that overflows (a temperature so small that the largest
+     scaled logit is not finite), (logits - max) / temperature instead: the same
+     distribution, which tends to greedy with ties shared;
   3. top_k (k > 0): keep tokens whose logit >= the k-th largest (ties at the edge are kept);
   4. top_p (< 1): keep the smallest most-probable set whose probability reaches top_p
      (ties at the edge are kept), renormalise;
@@ -22,10 +24,14 @@ Semantics (documented because verifiers and failover depend on them):
      order. Exactly one draw per sampled token, so skipping n draws (`skip`) puts the
      generator where an uninterrupted run would be after n tokens.
 Probabilities are computed in float64 from the float32 logits.
+Non-finite logits (a broken model or a hostile row) never make sampling fail: NaN counts as
+-inf; if some logits are +inf they share all the probability equally; if every logit is -inf
+every token is equally likely. Any parameters SamplingParams.from_wire accepts give a token.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 
@@ -112,7 +118,7 @@ class TokenSampler:
         if self.greedy:
             return int(np.argmax(logits))
         p = self.params
-        ids, probs = kept_set(penalized(logits, p, history) / p.temperature, p)
+        ids, probs = kept_set(scaled(logits, p, history), p)
         cum = np.cumsum(probs)
         u = self._rng.random() * cum[-1]
         # u < total, so j is in range; the clamp only covers rounding at the very end.
@@ -120,8 +126,41 @@ class TokenSampler:
         return int(j if ids is None else ids[j])
 
 
-# Steps 1 and 3-5, shared with the verifier (entry/verify/stats.py), which must cut exactly
-# where the sampler cuts.
+# Steps 1-5, shared with the verifier (entry/verify/stats.py), which must cut exactly where
+# the sampler cuts.
+
+def scaled(logits: np.ndarray, params, history: Sequence[int] = ()) -> np.ndarray:
+    """Steps 1-2: the penalised logits divided by the temperature (float64, `logits` not
+    modified), with a finite maximum and no NaN, so that the cuts after it always keep at
+    least the most likely token."""
+    x = penalized(logits, params, history)
+    top = float(x.max())  # NaN anywhere makes the max NaN
+    if not math.isfinite(top):
+        x, top = _finite_top(x)
+    t = params.temperature
+    # In place: x is our own copy, and a fresh 49k-float array costs ~1 ms of page faults
+    # on a busy machine, 10x the arithmetic.
+    with np.errstate(over="ignore", under="ignore"):
+        # Division is monotone, so max(x / t) == top / t: no second pass in the usual case,
+        # and the usual case stays bit-identical to a plain x / t.
+        if not math.isfinite(top / t):
+            # Only an overflowing temperature gets here: the largest logit becomes exactly 0
+            # and the rest fall to -inf at worst, never NaN.
+            x -= top
+        x /= t
+    return x
+
+
+def _finite_top(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """x with NaN as -inf and a finite maximum: +inf logits become 0 and all others -inf
+    (they share the probability); an all -inf row becomes all 0 (uniform)."""
+    x = np.where(np.isnan(x), -np.inf, x)
+    if np.isposinf(x).any():
+        return np.where(np.isposinf(x), 0.0, -np.inf), 0.0
+    if np.isneginf(x).all():
+        return np.zeros_like(x), 0.0
+    return x, float(x.max())
+
 
 def penalized(logits: np.ndarray, params, history: Sequence[int]) -> np.ndarray:
     """A float64 copy of the raw logits after the repeat/frequency/presence penalties
@@ -135,15 +174,19 @@ def penalized(logits: np.ndarray, params, history: Sequence[int]) -> np.ndarray:
         ok = (ids >= 0) & (ids < x.shape[0])
         ids, counts = ids[ok], counts[ok]
         v = x[ids]
-        if p.repeat_penalty > 0.0 and p.repeat_penalty != 1.0:
-            v = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
-        x[ids] = v - counts * p.frequency_penalty - p.presence_penalty
+        # A tiny repeat_penalty overflows to inf on purpose: `scaled` gives +inf logits a
+        # defined meaning (they share the probability).
+        with np.errstate(over="ignore"):
+            if p.repeat_penalty > 0.0 and p.repeat_penalty != 1.0:
+                v = np.where(v > 0, v / p.repeat_penalty, v * p.repeat_penalty)
+            x[ids] = v - counts * p.frequency_penalty - p.presence_penalty
     return x
 
 
 def kept_set(x: np.ndarray, params) -> tuple[np.ndarray | None, np.ndarray]:
     """(ascending ids, unnormalised probs) left after top_k, top_p and min_p (steps 3-5)
-    for scaled logits x; ids None means the whole vocabulary, in order."""
+    for scaled logits x (from `scaled`: finite max, no NaN); ids None means the whole
+    vocabulary, in order. Never empty: the most likely token always stays."""
     p = params
     ids = None
     if 0 < p.top_k < x.shape[0]:

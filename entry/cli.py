@@ -10,8 +10,8 @@ from entry.credits.cli import add_credits_parser
 from runtime.logs import add_logging_args
 
 _START_KEYS = ("http_host", "http_port", "listen_host", "p2p_port", "bootstrap", "identity", "state_dir", "keys_db",
-               "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "log_format", "log_level",
-               "ledger", "verify_model", "verify_rate", "canary_interval")
+               "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "sse_write_timeout",
+               "log_format", "log_level", "ledger", "verify_model", "verify_rate", "canary_interval")
 
 
 def add_parser(sub) -> None:
@@ -29,14 +29,17 @@ def add_parser(sub) -> None:
     s.add_argument("--p2p-port", type=int, help="libp2p TCP port (default: any free port)")
     s.add_argument("--bootstrap", action="append", help="multiaddr of a mesh peer to join through (repeatable)")
     s.add_argument("--identity", help="identity key file (default: STATE_DIR/entry.key, created if missing)")
-    s.add_argument("--state-dir", help="directory for the identity key and ready file (default: ~/.mesh/entry)")
+    s.add_argument("--state-dir", help="directory for the identity key, seed secret and ready file (default: ~/.mesh/entry)")
     s.add_argument("--keys-db", help="API key database (default: ~/.mesh/entry/keys.db, where `mesh entry keys` writes)")
     s.add_argument("--open", action="store_true", default=None, help="no API keys needed (for a local mesh)")
     s.add_argument("--rpm", type=int, help="default requests per minute per key (open mode: for all callers together)")
-    s.add_argument("--tpm", type=int, help="default completion tokens per minute per key")
+    s.add_argument("--tpm", type=int, help="default tokens per minute per key (prompt + completion; a request reserves "
+                   "its prompt estimate + max_tokens per choice up front)")
     s.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 1000000)")
     s.add_argument("--first-token-timeout", type=float, help="seconds to wait for a node's first token before failing over (default 60)")
     s.add_argument("--token-timeout", type=float, help="longest silence between tokens before failing over (default 10)")
+    s.add_argument("--sse-write-timeout", type=float, help="seconds a streaming client may read nothing before its "
+                   "generation is cancelled (default 10)")
     s.add_argument("--ledger", help="credits database (SQLite; default: STATE_DIR/credits.db)")
     s.add_argument("--verify-model", action="append", metavar="PATH",
                    help="GGUF file to verify nodes serving the same file (same sha256) against (repeatable)")

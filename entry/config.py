@@ -20,10 +20,11 @@ class EntryConfig:
     keys_db: str | None = None  # default $MESH_HOME/entry/keys.db, where `mesh entry keys` writes
     open: bool = False  # no API keys needed (a local mesh)
     rpm: int | None = None  # default requests/minute per key (open mode: for everyone together)
-    tpm: int | None = None  # default completion tokens/minute per key
+    tpm: int | None = None  # default tokens/minute per key (prompt + completion, reserved up front)
     max_body_bytes: int = 1_000_000
     first_token_timeout: float = 60.0
     token_timeout: float = 10.0
+    sse_write_timeout: float = 10.0  # a streaming client that reads nothing this long loses its generation
     log_format: str = "text"
     log_level: str = "info"
     # Verification and credits (entry/verify/verifier.py, entry/credits/ledger.py)
@@ -37,6 +38,9 @@ class EntryConfig:
 
     def identity_path(self) -> Path:
         return Path(self.identity) if self.identity else self.state_path() / "entry.key"
+
+    def seed_secret_path(self) -> Path:
+        return self.state_path() / "seed.key"
 
     def ledger_path(self) -> Path:
         return Path(self.ledger) if self.ledger else self.state_path() / "credits.db"
@@ -52,7 +56,7 @@ class EntryConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be in 0-65535")
         if self.max_body_bytes < 1024:
             raise ValueError("--max-body-bytes must be at least 1024")
-        if self.first_token_timeout <= 0 or self.token_timeout <= 0:
+        if self.first_token_timeout <= 0 or self.token_timeout <= 0 or self.sse_write_timeout <= 0:
             raise ValueError("timeouts must be > 0")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ValueError("--verify-rate must be in [0, 1]")

@@ -11,6 +11,7 @@ from entry.api.apikeys import ApiKeyStore
 from entry.api.app import create_app, serve_api
 from entry.api.metrics import Metrics
 from entry.api.ratelimit import RateLimits
+from entry.api.seeds import SeedMixer
 from entry.config import EntryConfig
 from entry.credits.ledger import Ledger
 from entry.mesh.relay import MeshBackendConfig, open_mesh_backend
@@ -32,6 +33,7 @@ class EntryDaemon:
     async def run(self) -> int:
         cfg = self.cfg
         identity = Identity.load_or_create(cfg.identity_path())
+        seeds = SeedMixer.load_or_create(cfg.seed_secret_path())
         keys = None if cfg.open else ApiKeyStore(cfg.keys_path())
         if keys is not None and not keys.list():
             log.warning("no API keys exist yet: create one with `mesh entry keys create --name NAME`, or start with --open")
@@ -42,21 +44,22 @@ class EntryDaemon:
         try:
             for path in cfg.verify_model:
                 await trio.to_thread.run_sync(verifier.load_model, path)
-            await self._serve(identity, keys, backend_cfg, metrics, ledger, verifier)
+            await self._serve(identity, keys, backend_cfg, metrics, ledger, verifier, seeds)
         finally:
             verifier.close()
             ledger.close()
         self._clear_ready()
         return 0
 
-    async def _serve(self, identity, keys, backend_cfg, metrics, ledger, verifier) -> None:
+    async def _serve(self, identity, keys, backend_cfg, metrics, ledger, verifier, seeds) -> None:
         cfg = self.cfg
         async with open_mesh_host(identity, listen_host=cfg.listen_host, listen_port=cfg.p2p_port,
                                   bootstrap=cfg.bootstrap) as host:
             async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done) as backend:
                 verifier.view = backend.view
                 app = create_app(backend, keys=keys, open_mode=cfg.open, limits=RateLimits(rpm=cfg.rpm, tpm=cfg.tpm),
-                                 metrics=metrics, max_body_bytes=cfg.max_body_bytes, ledger=ledger)
+                                 metrics=metrics, max_body_bytes=cfg.max_body_bytes, ledger=ledger, seeds=seeds,
+                                 sse_write_timeout=cfg.sse_write_timeout)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(verifier.run)
                     if verifier.models:

@@ -15,7 +15,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,11 @@ from starlette.routing import Route
 from entry.api.apikeys import ApiKeyStore
 from entry.api.metrics import TTFT_BUCKETS, Metrics
 from entry.api.parsing import ApiError, GenerationPlan, parse_chat, parse_completion
-from entry.api.ratelimit import OPEN_SUBJECT, RateLimited, RateLimits
+from entry.api.ratelimit import OPEN_SUBJECT, RateLimited, RateLimits, Reservation
 from entry.api.responses import SSE_DONE, ChoiceState, ResponseBuilder, dumps, model_object, sse
+from entry.api.seeds import SeedMixer
 from entry.backend import Backend, DoneEvent, InvalidGeneration, MeshUnavailable, ModelEntry, TokenEvent, UnknownModel
+from protocol.credit_query import ReplayGuard
 
 log = logging.getLogger("mesh.entry.api")
 
@@ -82,6 +84,11 @@ class _Settings:
     max_body_bytes: int
     started: int
     ledger: Any = None  # entry/credits/ledger.py Ledger, for /v1/mesh/credits/{node}
+    seeds: SeedMixer = field(default_factory=SeedMixer.random)
+    # Longest a streamed write may wait for the client to read before the generation is
+    # cancelled: a client that stops reading must not hold node slots.
+    sse_write_timeout: float = 10.0
+    credit_queries: ReplayGuard = field(default_factory=ReplayGuard)
 
 
 class _Instruments:
@@ -95,6 +102,8 @@ class _Instruments:
         self.prompt_tokens = m.counter("mesh_entry_prompt_tokens_total", "Prompt tokens processed", ("model",))
         self.failovers = m.counter("mesh_entry_failovers_total", "Generations continued on another node", ("model",))
         self.disconnects = m.counter("mesh_entry_client_disconnects_total", "Generations cancelled because the client left")
+        self.stalled = m.counter("mesh_entry_stalled_clients_total",
+                                 "Streamed generations cancelled because the client stopped reading")
         self.in_flight = m.gauge("mesh_entry_generations_in_flight", "Generation requests being answered")
         self.in_flight.set(0)
         self.model_nodes = m.gauge("mesh_entry_model_nodes", "Live nodes serving each model", ("model",))
@@ -153,14 +162,15 @@ class GenerationResponse(Response):
 
     Each generation is read by one producer task from start to close, so a backend iterator
     that keeps a nursery or cancel scope open across its yields is never resumed from another
-    task. A watcher cancels everything when the client disconnects; the producers then close
+    task. A watcher cancels everything when the client disconnects, another when a streamed
+    write waits longer than sse_write_timeout for the client to read; the producers then close
     their iterators, which cancels the work on the nodes.
     """
 
     def __init__(self, settings: _Settings, ins: _Instruments, plan: GenerationPlan, model: ModelEntry,
-                 subject: str, tpm: int | None, t0: float):
+                 reservation: Reservation, t0: float):
         self.s, self.ins, self.plan, self.model = settings, ins, plan, model
-        self.subject, self.tpm, self.t0 = subject, tpm, t0
+        self.reservation, self.t0 = reservation, t0
         prefix = "chatcmpl-" if plan.endpoint == "chat" else "cmpl-"
         self.builder = ResponseBuilder(plan.endpoint, prefix + secrets.token_hex(12), int(time.time()), model,
                                        plan.include_usage)
@@ -168,7 +178,11 @@ class GenerationResponse(Response):
         self.endpoint = "/v1/chat/completions" if plan.endpoint == "chat" else "/v1/completions"
         self.first_token_seen = False
         self.finishing = False
+        self.left = False
         self.ended = 0  # choices whose events are all in
+        self.write_seq = 0  # streamed writes begun
+        self.write_since: float | None = None  # when the write in progress began
+        self.write_begun = trio.Event()
 
     async def __call__(self, scope, receive, send) -> None:
         self.ins.in_flight.inc()
@@ -181,22 +195,61 @@ class GenerationResponse(Response):
                         nursery.start_soon(self._produce, i, spec, tx.clone())
                 try:
                     if self.plan.stream:
-                        await self._answer_stream(rx, send)
+                        nursery.start_soon(self._watch_writes, nursery.cancel_scope)
+                        await self._answer_stream(rx, self._watched(send))
                     else:
                         await self._answer_json(rx, send)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            self.ins.in_flight.dec()
-            self._finish()
+            self._leave()
 
     def _finish(self) -> None:
-        """Charge tokens and count them, once, before the last byte goes out: a client that
+        """Settle tokens and count them, once, before the last byte goes out: a client that
         reads its answer and then /metrics sees its own request counted."""
         if self.finishing:
             return
         self.finishing = True
         self._account()
+
+    def _leave(self) -> None:
+        """The generations are over (answered, failed, cancelled), once."""
+        if self.left:
+            return
+        self.left = True
+        self.ins.in_flight.dec()
+        self._finish()
+
+    def _watched(self, send):
+        async def watched_send(message) -> None:
+            self.write_seq += 1
+            self.write_since = trio.current_time()
+            self.write_begun.set()
+            try:
+                await send(message)
+            finally:
+                self.write_since = None
+        return watched_send
+
+    async def _watch_writes(self, scope: trio.CancelScope) -> None:
+        """Cancel the generations once one streamed write has waited sse_write_timeout for the
+        client to read. The write itself cannot be interrupted (hypercorn shields its socket
+        writes) and stays pending until the client reads or closes, but the node slots are
+        freed. Wakes at most once per timeout while writes flow."""
+        timeout = self.s.sse_write_timeout
+        while True:
+            since, seq = self.write_since, self.write_seq
+            if since is None:
+                self.write_begun = trio.Event()
+                await self.write_begun.wait()
+                continue
+            await trio.sleep_until(since + timeout)
+            if self.write_seq == seq and self.write_since is not None:
+                log.info("a streaming client read nothing for %g s: its generation is cancelled", timeout)
+                self.ins.stalled.inc()
+                scope.cancel()
+                self._leave()
+                return
 
     async def _watch_disconnect(self, receive, scope: trio.CancelScope) -> None:
         while True:
@@ -321,16 +374,22 @@ class GenerationResponse(Response):
 
     def _account(self) -> None:
         tokens = sum(s.completion_tokens for s in self.states)
-        self.s.limits.spend_tokens(self.subject, tokens, tpm=self.tpm)
         model = self.model.id
         self.ins.completion_tokens.inc(tokens, model=model)
-        prompt = {}
+        prompt, cut = {}, set()
         for s in self.states:
             if s.done:
                 prompt[s.prompt_index] = s.done.prompt_tokens
                 if s.done.failovers:
                     self.ins.failovers.inc(s.done.failovers, model=model)
+            elif s.tokens:
+                cut.add(s.prompt_index)
         self.ins.prompt_tokens.inc(sum(prompt.values()), model=model)
+        # A generation cut before its DoneEvent had its prompt read by a node all the same:
+        # its estimate is charged, so leaving early does not make long prompts free.
+        estimates = self.plan.prompt_estimates()
+        charged = tokens + sum(prompt.values()) + sum(estimates[i] for i in cut - prompt.keys())
+        self.reservation.settle(charged)
 
 
 async def _close_events(events) -> None:
@@ -410,7 +469,7 @@ class _Handlers:
     async def _generate(self, request: Request, parse: Callable[[dict], GenerationPlan]) -> Response:
         t0 = time.perf_counter()
         subject, rpm, tpm = self.authenticate(request)
-        plan = parse(await self.read_json(request))
+        plan = parse(await self.read_json(request), mix_seed=self.s.seeds.for_subject(subject))
         # The one place a request's model is chosen; generations run on it without asking again.
         try:
             model = self.s.backend.select_model(plan.model)
@@ -420,11 +479,13 @@ class _Handlers:
         except MeshUnavailable as e:
             raise backend_error(e) from None
         try:
-            self.s.limits.acquire(subject, rpm=rpm, tpm=tpm)
+            reservation = self.s.limits.acquire(subject, rpm=rpm, tpm=tpm, tokens=plan.max_tokens())
         except RateLimited as e:
+            # No Retry-After when waiting cannot help: the request alone is over the limit.
+            headers = {} if e.retry_after is None else {"Retry-After": _retry_after(e.retry_after)}
             raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": _retry_after(e.retry_after)}) from None
-        return GenerationResponse(self.s, self.ins, plan, model, subject, tpm, t0)
+                           param="max_tokens" if e.retry_after is None else None, headers=headers) from None
+        return GenerationResponse(self.s, self.ins, plan, model, reservation, t0)
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, parse_chat)
@@ -455,13 +516,21 @@ class _Handlers:
         """A node's credit statement, for that node only (signed query, protocol/credit_query.py):
         totals per escrow state and every booked request id with its tokens, so the node can
         check them against the receipts it kept."""
-        from protocol.credit_query import HEADER, check_query
+        from protocol.credit_query import ACCEPTED, FULL, HEADER, MAX_AGE, MAX_AHEAD, REPLAYED
 
         node = request.path_params["node"]
         if self.s.ledger is None:
             raise ApiError(404, "this entry keeps no credits ledger", code="no_ledger")
-        if not check_query(node, request.headers.get(HEADER)):
-            raise ApiError(401, f"a credit statement is for its node only: sign the query with the node's key "
+        verdict = self.s.credit_queries.accept(node, request.headers.get(HEADER))
+        if verdict == FULL:
+            raise ApiError(503, "too many statement queries right now", type="server_error", code="busy",
+                           headers={"Retry-After": _retry_after(MAX_AGE)})
+        if verdict == REPLAYED:
+            raise ApiError(401, "this signed query was used already: sign a fresh one (one per second)",
+                           code="replayed_node_signature")
+        if verdict != ACCEPTED:
+            raise ApiError(401, f"a credit statement is for its node only: sign the query with the node's key, dated "
+                           f"within the last {MAX_AGE:g} s (at most {MAX_AHEAD:g} s ahead of the entry's clock) "
                            f"(header {HEADER}; `mesh node credits` does this)", code="invalid_node_signature")
         totals = {state: {"requests": t.requests, "tokens": t.tokens, "credits": round(t.credits, 6)}
                   for state, t in self.s.ledger.node_totals(node).items()}
@@ -521,13 +590,19 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, limits: RateLimits, metrics: Metrics,
-               max_body_bytes: int = 1_000_000, ledger=None) -> Starlette:
+               max_body_bytes: int = 1_000_000, ledger=None, seeds: SeedMixer | None = None,
+               sse_write_timeout: float = 10.0) -> Starlette:
     """The entry's ASGI app. Without open_mode every /v1 route needs a key from `keys`;
     /, /health and /metrics are open (they show no user data). /v1/mesh/credits/{node}
-    needs the node's own signature instead, in any mode."""
+    needs the node's own signature instead, in any mode. `seeds` mixes users' seeds (a
+    secret for this process when None); `sse_write_timeout`: seconds a streaming client may
+    read nothing before its generation is cancelled."""
     if not open_mode and keys is None:
         raise ValueError("an entry that is not in open mode needs an ApiKeyStore")
-    h = _Handlers(_Settings(backend, keys, open_mode, limits, metrics, max_body_bytes, int(time.time()), ledger))
+    if not sse_write_timeout > 0:
+        raise ValueError("sse_write_timeout must be > 0")
+    h = _Handlers(_Settings(backend, keys, open_mode, limits, metrics, max_body_bytes, int(time.time()), ledger,
+                            seeds or SeedMixer.random(), sse_write_timeout))
     routes = [
         Route("/", h.webchat_index, methods=["GET"]),
         Route("/webchat/{name}", h.webchat_file, methods=["GET"]),

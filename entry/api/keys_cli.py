@@ -19,7 +19,7 @@ def add_keys_parser(subparsers) -> None:
     c = ks.add_parser("create", help="create a key and print it once", description="Create an API key and print it (only this once).")
     c.add_argument("--name", required=True, help="what the key is for, e.g. who holds it")
     c.add_argument("--rpm", type=_positive_int, help="requests per minute allowed (default: the entry's default limit)")
-    c.add_argument("--tpm", type=_positive_int, help="completion tokens per minute allowed (default: the entry's default limit)")
+    c.add_argument("--tpm", type=_positive_int, help="tokens per minute allowed, prompt + completion (default: the entry's default limit)")
     db_arg(c)
     c.set_defaults(func=cmd_create)
 

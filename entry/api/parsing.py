@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,12 @@ from protocol.messages import (
 )
 
 MAX_CHOICES = 8  # n (times prompts, for /v1/completions): each choice is a full generation
+# Temperatures below this are greedy, as in vLLM (_SAMPLING_EPS): dividing logits by a
+# near-zero temperature only adds overflow and ties, never a different intent.
+GREEDY_BELOW = 1e-5
 _SEED_SPACE = 2**63
+_CHARS_PER_TOKEN = 4
+_TEMPLATE_TOKENS = 4  # role markers and separators a chat template adds per message
 # "developer" is what newer OpenAI clients send instead of "system".
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
@@ -63,6 +69,26 @@ class GenerationPlan:
     prompt_of: list[int]  # prompt index of each choice (usage counts each prompt once)
     logprobs: bool
     top_logprobs: int
+
+    def prompt_estimates(self) -> list[int]:
+        """A token estimate for each prompt (usage counts each prompt once). The entry has no
+        tokenizer (it does not hold most models): ~4 characters per token, the usual English
+        average, plus a few template tokens per chat message. Text that tokenizes worse is
+        charged at its real count when the request ends."""
+        out: dict[int, int] = {}
+        for spec, pi in zip(self.specs, self.prompt_of):
+            if pi not in out:
+                if spec.kind == "chat":
+                    chars, extra = sum(len(m.content) for m in spec.messages), _TEMPLATE_TOKENS * len(spec.messages)
+                else:
+                    chars, extra = len(spec.prompt), 0
+                out[pi] = extra + -(-chars // _CHARS_PER_TOKEN)
+        return [out[i] for i in sorted(out)]
+
+    def max_tokens(self) -> int:
+        """The most tokens this request can use: its prompts' estimates + max_tokens per
+        choice (SamplingParams' default when the request sets none)."""
+        return sum(self.prompt_estimates()) + sum(spec.params.max_tokens for spec in self.specs)
 
 
 # --- field readers: each names the offending parameter in its error ---------------------------
@@ -144,6 +170,8 @@ def _sampling(body: dict) -> SamplingParams:
         "seed": _opt_int(body, "seed", 0, _SEED_SPACE - 1),
         "max_tokens": max_tokens,
     }
+    if values["temperature"] is not None and values["temperature"] < GREEDY_BELOW:
+        values["temperature"] = 0.0
     params = SamplingParams(**{k: v for k, v in values.items() if v is not None})
     params.stop = _stop(body)
     return params
@@ -169,10 +197,11 @@ def _common_unsupported(body: dict) -> None:
                  lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
 
 
-def _choice_seeds(params: SamplingParams, n: int) -> list[int | None]:
+def _choice_seeds(params: SamplingParams, n: int, mix_seed: Callable[[int], int]) -> list[int | None]:
     if params.seed is not None:
-        # Consecutive seeds: reproducible, and each choice differs when sampling.
-        return [(params.seed + i) % _SEED_SPACE for i in range(n)]
+        # Consecutive seeds: reproducible, and each choice differs when sampling. Mixed before
+        # they leave the entry: a node must not see the user's own number (entry/api/seeds.py).
+        return [mix_seed((params.seed + i) % _SEED_SPACE) for i in range(n)]
     if n > 1 and not params.greedy:
         # Fresh per request, so it links nothing across requests.
         return [secrets.randbits(63) for _ in range(n)]
@@ -243,7 +272,8 @@ def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
     return SamplingParams(**{**params.to_wire(), "seed": seed, "stop": list(params.stop)})
 
 
-def parse_chat(body: dict) -> GenerationPlan:
+def parse_chat(body: dict, *, mix_seed: Callable[[int], int]) -> GenerationPlan:
+    """mix_seed: the user's seed -> the seed a node gets (SeedMixer.for_subject)."""
     model = _model(body)
     messages = _messages(body)
     params = _sampling(body)
@@ -255,7 +285,7 @@ def parse_chat(body: dict) -> GenerationPlan:
         raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     n = _n(body)
     specs = []
-    for seed in _choice_seeds(params, n):
+    for seed in _choice_seeds(params, n, mix_seed):
         specs.append(GenerationSpec(model=model, kind="chat", params=_with_seed(params, seed), messages=list(messages),
                                     logprobs=logprobs, top_logprobs=top or 0))
     return GenerationPlan("chat", model, stream, include_usage, specs, [0] * n, logprobs, top or 0)
@@ -274,7 +304,7 @@ def _prompts(body: dict) -> list[str]:
     return prompts
 
 
-def parse_completion(body: dict) -> GenerationPlan:
+def parse_completion(body: dict, *, mix_seed: Callable[[int], int]) -> GenerationPlan:
     model = _model(body)
     prompts = _prompts(body)
     params = _sampling(body)
@@ -290,7 +320,7 @@ def parse_completion(body: dict) -> GenerationPlan:
     if best_of is not None and best_of not in (1, n):
         raise invalid("'best_of' other than n is not supported", "best_of", "unsupported_parameter")
     specs, prompt_of = [], []
-    seeds = _choice_seeds(params, n)
+    seeds = _choice_seeds(params, n, mix_seed)
     for pi, prompt in enumerate(prompts):
         for seed in seeds:
             specs.append(GenerationSpec(model=model, kind="completion", params=_with_seed(params, seed), prompt=prompt,

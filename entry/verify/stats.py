@@ -46,7 +46,7 @@ import numpy as np
 
 # The node's own sampling steps: the verifier must penalise and cut exactly as the sampler does.
 from engine.sampling import kept_set as _sampler_kept_set
-from engine.sampling import penalized
+from engine.sampling import penalized, scaled  # noqa: F401 - penalized: callers and tests use it from here
 
 SOFT = 0.25
 HARD = 1.0
@@ -241,7 +241,7 @@ class PartChecker:
         if self.greedy:
             self.devs.append(greedy_deviation(row, token))
         else:
-            x = penalized(row, p, self.hist) / p.temperature
+            x = scaled(row, p, self.hist)
             kept = kept_set(x, p)
             self.devs.append(sampled_deviation(x, p, token, float(self.u[self.i]), kept))
             logq = log_sampling_dist(x, kept)
@@ -272,5 +272,5 @@ def end_deviation(row: np.ndarray, params, history: Sequence[int], u: float | No
     model's end tokens)."""
     if params.temperature == 0.0:
         return min(greedy_deviation(row, e) for e in end_ids)
-    x = penalized(row, params, history) / params.temperature
+    x = scaled(row, params, history)
     return min(sampled_deviation(x, params, e, u) for e in end_ids)

@@ -241,17 +241,23 @@ async def test_key_request_limit_429_with_retry_after(tmp_path):
 
 async def test_key_token_limit_429(tmp_path):
     store = ApiKeyStore(tmp_path / "keys.db")
-    _, key = store.create("grace", tpm=10)
+    _, key = store.create("grace", tpm=30)
     clock = FrozenClock()
     with trio.fail_after(10):
         async with running_api(open_mode=False, keys=store, limits=RateLimits(clock=clock)) as api:
             auth = {"Authorization": f"Bearer {key}"}
-            first = await api.client.post(CHAT, json=chat_body(), headers=auth)  # 13 tokens: 3 in debt
-            second = await api.client.post(CHAT, json=chat_body(), headers=auth)
+            # Reserves 1 + 4 (prompt estimate: 2 characters, one chat message) + 20, uses 1 + 13.
+            first = await api.client.post(CHAT, json=chat_body(max_tokens=20), headers=auth)
+            second = await api.client.post(CHAT, json=chat_body(max_tokens=20), headers=auth)
+            # Without max_tokens the default cap (256) is reserved: more than the whole limit.
+            too_big = await api.client.post(CHAT, json=chat_body(), headers=auth)
     assert first.status_code == 200
     err = error_of(second, 429, "rate_limit_error", "rate_limit_exceeded")
-    assert "10 completion tokens per minute" in err["message"]
-    assert second.headers["retry-after"] == "24"  # 4 tokens at 10/min
+    assert "30 tokens per minute" in err["message"]
+    assert second.headers["retry-after"] == "18"  # 25 needed, 16 left: 9 tokens at 30/min
+    err = error_of(too_big, 429, "rate_limit_error", "rate_limit_exceeded")
+    assert "lower max_tokens" in err["message"] and err["param"] == "max_tokens"
+    assert "retry-after" not in too_big.headers  # waiting would not help
     store.close()
 
 

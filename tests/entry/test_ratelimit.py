@@ -52,3 +52,50 @@ def test_per_key_limits_override_defaults_and_none_is_unlimited():
         unlimited.acquire("x")
     unlimited.spend_tokens("x", 10**9)
     unlimited.acquire("x")
+
+
+def test_tokens_are_reserved_up_front_and_the_rest_refunded():
+    clock = Clock()
+    limits = RateLimits(tpm=100, clock=clock)
+    a = limits.acquire("k", tokens=40)
+    b = limits.acquire("k", tokens=40)
+    # Before reservations both checks passed on a full bucket and any number more would too.
+    with pytest.raises(RateLimited) as e:
+        limits.acquire("k", tokens=40)
+    assert e.value.retry_after == 12  # 20 left, 40 needed: 20 tokens at 100/min
+    a.settle(10)
+    a.settle(10)  # only the first settle counts
+    c = limits.acquire("k", tokens=40)  # 20 + 30 refunded
+    b.settle(40)
+    c.settle(70)  # a prompt longer than estimated: charged in full, into debt
+    with pytest.raises(RateLimited):
+        limits.acquire("k", tokens=1)
+    clock.now += 72  # 20 in debt, then 120 refilled: full again
+    limits.acquire("k", tokens=100)
+
+
+def test_a_request_larger_than_the_limit_is_refused_without_retry_after():
+    limits = RateLimits(tpm=100, clock=Clock())
+    with pytest.raises(RateLimited) as e:
+        limits.acquire("k", tokens=101)
+    assert e.value.retry_after is None and "lower max_tokens" in str(e.value)
+    limits.acquire("k", tokens=100)  # nothing was taken by the refusal
+
+
+def test_a_refused_request_takes_nothing():
+    limits = RateLimits(rpm=1, tpm=100, clock=Clock())
+    with pytest.raises(RateLimited):
+        limits.acquire("k", tokens=500)
+    r = limits.acquire("k", tokens=50)  # the request allowance is still there
+    with pytest.raises(RateLimited):
+        limits.acquire("k", tokens=10)  # rpm now, not tokens
+    r.settle(0)
+    # Refunds never fill a bucket past its capacity.
+    clock = Clock()
+    tokens_only = RateLimits(tpm=100, clock=clock)
+    long_one = tokens_only.acquire("z", tokens=100)
+    clock.now += 60  # refilled while the request ran
+    long_one.settle(0)
+    tokens_only.acquire("z", tokens=100)
+    with pytest.raises(RateLimited):
+        tokens_only.acquire("z", tokens=1)
