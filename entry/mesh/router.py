@@ -106,8 +106,10 @@ def pick(nodes: Iterable[NodeState], model_sha256: str, now: float, *, exclude: 
     exclude = set(exclude)
     nodes = [n for n in nodes if n.model_sha256 == model_sha256]
     candidates = [n for n in nodes if eligible(n, model_sha256, now, exclude) and (admit is None or admit(n))]
-    if not _unproven_allowed(nodes, candidates, rng):
-        candidates = [n for n in candidates if proven(n)]
+    known = [n for n in candidates if proven(n)]
+    if known and len(known) < len(candidates):
+        # Both kinds can take it: this request explores (an unproven node gets it) or not.
+        candidates = [n for n in candidates if not proven(n)] if _explore(nodes, rng) else known
     best, best_score = None, float("-inf")
     for node in candidates:
         s = score(node) + rng.random() * JITTER
@@ -116,12 +118,10 @@ def pick(nodes: Iterable[NodeState], model_sha256: str, now: float, *, exclude: 
     return best
 
 
-def _unproven_allowed(nodes: list[NodeState], candidates: list[NodeState], rng) -> bool:
-    """May this request go to an unproven node? Always when no proven node has room; else
-    with probability UNPROVEN_SHARE, and only while unproven nodes hold less than that share
-    of the model's requests in flight (one is always allowed, so newcomers get work)."""
-    if not any(proven(n) for n in candidates):
-        return True
+def _explore(nodes: list[NodeState], rng) -> bool:
+    """Does this request go to an unproven node while a proven one has room? With probability
+    UNPROVEN_SHARE, and only while unproven nodes hold less than that share of the model's
+    requests in flight (one is always allowed, so newcomers get work at any load)."""
     unproven = sum(n.in_flight for n in nodes if not proven(n))
     total = sum(n.in_flight for n in nodes)
     if unproven >= max(1.0, UNPROVEN_SHARE * (total + 1)):

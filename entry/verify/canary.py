@@ -77,10 +77,11 @@ def dialogues() -> tuple[tuple[tuple[str, ...], ...], ...]:
     except (ImportError, FileNotFoundError) as e:
         raise CanaryCorpusMissing(f"canary probes need the {CORPUS_PACKAGE.replace('_', '-')} package "
                                   f"(scripts/setup.sh installs it): {e}") from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~20x faster, same result
     out = []
     for f in files:
         try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+            data = yaml.load(f.read_text(encoding="utf-8"), Loader=loader) or {}
         except (yaml.YAMLError, UnicodeDecodeError):
             log.warning("skipping an unreadable corpus file", extra={"file": f.name})
             continue
