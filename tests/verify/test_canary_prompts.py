@@ -8,7 +8,7 @@ import random
 import re
 from collections import Counter
 
-from entry.verify.canary import CanaryConfig, CanaryProber, USER_PROFILES, canary_messages, canary_pool, user_like_params
+from entry.verify.canary import USER_PROFILES, CanaryConfig, CanaryProber, canary_messages, canary_pool, user_like_params
 
 # The templates probes were made from before (public in the repository's history): the regex
 # an attacker builds from them, each {slot} matching anything.
