@@ -36,13 +36,15 @@ def add_parser(sub) -> None:
     s.add_argument("--tpm", type=int, help="default tokens per minute per key (prompt + completion; a request reserves "
                    "its prompt estimate + max_tokens per choice up front)")
     s.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 1000000)")
-    s.add_argument("--first-token-timeout", type=float, help="seconds to wait for a node's first token before failing over (default 60)")
+    s.add_argument("--first-token-timeout", type=float, help="seconds to wait for a node's first token before failing over (default 60; "
+                   "10 for a node that has not yet finished a few requests for this entry)")
     s.add_argument("--token-timeout", type=float, help="longest silence between tokens before failing over (default 10)")
     s.add_argument("--sse-write-timeout", type=float, help="seconds a streaming client may read nothing before its "
                    "generation is cancelled (default 10)")
     s.add_argument("--ledger", help="credits database (SQLite; default: STATE_DIR/credits.db)")
     s.add_argument("--verify-model", action="append", metavar="PATH",
-                   help="GGUF file to verify nodes serving the same file (same sha256) against (repeatable)")
+                   help="GGUF file to verify nodes serving the same file (same sha256) against (repeatable); "
+                   "its name (the file name without .gguf) stays bound to it in /v1/models")
     s.add_argument("--verify-rate", type=float, help="fraction of an established node's requests re-scored (default 0.15; "
                    "new and suspicious nodes: all)")
     s.add_argument("--canary-interval", type=float, help="mean seconds between canary probes to nodes of verified models "

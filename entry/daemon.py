@@ -15,10 +15,11 @@ from entry.api.seeds import SeedMixer
 from entry.config import EntryConfig
 from entry.credits.ledger import Ledger
 from entry.mesh.relay import MeshBackendConfig, open_mesh_backend
-from entry.verify.canary import CanaryConfig, CanaryProber
+from entry.verify.canary import CanaryConfig, CanaryCorpusMissing, CanaryProber, canary_pool
 from entry.verify.verifier import Verifier, VerifierConfig
 from protocol.identity import Identity
 from runtime import ready_file
+from runtime.errors import CliError
 from runtime.heap import freeze_startup_heap
 from transport.host import open_mesh_host
 
@@ -44,6 +45,11 @@ class EntryDaemon:
         try:
             for path in cfg.verify_model:
                 await trio.to_thread.run_sync(verifier.load_model, path)
+            if verifier.models and cfg.canary_interval > 0:
+                try:
+                    canary_pool()
+                except CanaryCorpusMissing as e:
+                    raise CliError(str(e)) from None
             await self._serve(identity, keys, backend_cfg, metrics, ledger, verifier, seeds)
         finally:
             verifier.close()
@@ -57,6 +63,8 @@ class EntryDaemon:
                                   bootstrap=cfg.bootstrap) as host:
             async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done) as backend:
                 verifier.view = backend.view
+                backend.model_pins = verifier.pins()
+                backend.admit = verifier.admits
                 app = create_app(backend, keys=keys, open_mode=cfg.open, limits=RateLimits(rpm=cfg.rpm, tpm=cfg.tpm),
                                  metrics=metrics, max_body_bytes=cfg.max_body_bytes, ledger=ledger, seeds=seeds,
                                  sse_write_timeout=cfg.sse_write_timeout)

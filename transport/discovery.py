@@ -79,8 +79,8 @@ async def discover_model(
     max_providers: int = 100,
 ) -> list[CapacityAdvert]:
     """Live nodes serving the model, each with a verified advert (signed by that node, for
-    this model, unexpired). Their advertised addresses are fed to the host, so the next
-    open_stream() dials where the node is now, not where it was."""
+    this model, unexpired). The adverts' addresses are informational only: streams go where
+    libp2p itself learnt the node to be (see entry/mesh/view.py)."""
     deadline = trio.current_time() + timeout
     providers = await host.find_providers(model_key(model_sha256), count=max_providers, timeout=timeout / 2)
     return await _verified_adverts(host, providers, deadline, now=now, model_sha256=model_sha256)
@@ -141,7 +141,8 @@ async def _verified_adverts(
                 log.debug("advert of %s rejected: %s", p.peer_id, e)
                 return
             adv = kept
-        host.learn_addrs(p.peer_id, adv.addrs or p.addrs)
+        # adv.addrs are not fed to the host: they are the signer's claim, and dialling them
+        # would let any identity point us at any host:port (entry/mesh/view.py).
         found[p.peer_id] = adv
 
     with trio.move_on_at(deadline):

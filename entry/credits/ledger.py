@@ -6,12 +6,20 @@ and the credits (tokens x weight). Rows move through escrow:
 
     held --(verification passed or not sampled, and vest_at reached)--> vested
     held --(verification failed)--> withheld
+    held --(sampled, but the check could not run, and vest_at reached)--> withheld ('unchecked')
+
+Verification fails closed: a request drawn for a check that cannot run (the verifier's queue
+is full, the request is longer than the verifier's context, the check errored) keeps its rows
+`pending` with reason 'unchecked: <why>'; they never vest, and at their vest_at they become
+withheld (`expire_unchecked`). Otherwise flooding the verifier would be a way to be paid for
+work nobody checked. Such rows do not count against the node's standing (it may be honest).
 
 - Weight: a model's parameter count in billions, read by the entry from its own copy of the
   GGUF (the one it verifies with), so a token of a 7B model earns ~50x a token of
   SmolLM2-135M (0.1345 per token) — roughly the compute it took. Models the entry does not
-  hold get DEFAULT_WEIGHT: it cannot check what they are, so it does not pay for size it
-  cannot see.
+  hold earn DEFAULT_WEIGHT = 0: it can verify neither what they are nor that the tokens came
+  from them, so they earn nothing until an operator loads the model with --verify-model
+  (their tokens are still booked, at weight 0, so a node's statement lists them).
 - Vesting (AI Horde's escrow idea): credits vest `trusted_delay_s` after booking for nodes
   with a history (>= trusted_after settled-good requests and no withheld credit within
   failure_memory_s), else `new_delay_s`: a new identity's credits stay at risk longer, which
@@ -23,7 +31,8 @@ and the credits (tokens x weight). Rows move through escrow:
   held and awaiting one, vesting only moves rows due. Killing the process at any point leaves
   either the state before or after an operation, and redoing the operation converges.
   Verifications queued in memory when the entry died can never run (the prompt was never
-  written down: privacy), so at open their rows become verify='lost' and vest on schedule.
+  written down: privacy), so at open their rows become verify='lost' and vest on schedule
+  (a crash is the operator's fault, not the node's; rows already 'unchecked' stay so).
 
 The entry's trio thread is the only writer; `mesh entry credits` and the API read.
 """
@@ -36,7 +45,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_WEIGHT = 0.1
+DEFAULT_WEIGHT = 0.0
+UNCHECKED = "unchecked"  # reason prefix of rows whose sampled check could not run
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -126,14 +136,17 @@ class Ledger:
 
     def _recover(self) -> None:
         with self._tx():
-            self._db.execute("UPDATE credits SET verify = 'lost' WHERE verify = 'pending'")
+            self._db.execute("UPDATE credits SET verify = 'lost' WHERE verify = 'pending'"
+                             " AND (reason IS NULL OR reason NOT LIKE ?)", (UNCHECKED + "%",))
 
     # -- writing ----------------------------------------------------------------------------
 
     def book(self, request_id: str, model_sha256: str, parts: Iterable[PartCredit], *, weight: float,
-             pending: bool, canary: bool = False, now: float | None = None) -> int:
+             pending: bool, canary: bool = False, now: float | None = None, unchecked: str = "") -> int:
         """Book every part of a request in one transaction; returns rows booked (a (node,
-        request) already in the ledger books nothing). pending: a verification will follow."""
+        request) already in the ledger books nothing). pending: a verification will follow.
+        unchecked: the request was drawn for a check that cannot run (why): held until it
+        expires unvested."""
         now = time.time() if now is None else now
         booked = 0
         with self._tx():
@@ -144,11 +157,11 @@ class Ledger:
                 vest_at = now + self._vesting_delay(p.peer_id, now)
                 cur = self._db.execute(
                     "INSERT INTO credits (node, request_id, model_sha256, part, tokens, weight, credits, source, receipt,"
-                    " canary, state, verify, booked_at, vest_at) VALUES (?,?,?,?,?,?,?,?,?,?,'held',?,?,?)"
+                    " canary, state, verify, reason, booked_at, vest_at) VALUES (?,?,?,?,?,?,?,?,?,?,'held',?,?,?,?)"
                     " ON CONFLICT (node, request_id) DO NOTHING",
                     (p.peer_id, request_id, model_sha256, i, p.tokens, weight, p.tokens * weight,
                      "receipt" if p.receipt is not None else "relayed", p.receipt, int(canary),
-                     "pending" if pending else "none", now, vest_at))
+                     "pending" if pending or unchecked else "none", _unchecked_reason(unchecked), now, vest_at))
                 booked += cur.rowcount
                 self._checkpoint("book.row")
         self._checkpoint("book.committed")
@@ -183,6 +196,23 @@ class Ledger:
                                    (request_id,))
         return cur.rowcount
 
+    def mark_unchecked(self, request_id: str, why: str) -> int:
+        """The check queued for this request did not run after all: its rows awaiting a verdict
+        stay held and expire unvested (see the module doc)."""
+        with self._tx():
+            cur = self._db.execute("UPDATE credits SET reason = ? WHERE request_id = ? AND verify = 'pending'",
+                                   (_unchecked_reason(why), request_id))
+        return cur.rowcount
+
+    def expire_unchecked(self, now: float | None = None) -> int:
+        """Withhold every unchecked row whose vesting time has come."""
+        now = time.time() if now is None else now
+        with self._tx():
+            cur = self._db.execute(
+                "UPDATE credits SET state = 'withheld', verify = 'failed', settled_at = ? WHERE state = 'held'"
+                " AND verify = 'pending' AND reason LIKE ? AND vest_at <= ?", (now, UNCHECKED + "%", now))
+        return cur.rowcount
+
     def vest_due(self, now: float | None = None) -> int:
         """Vest every held row whose time has come and that awaits no verdict."""
         now = time.time() if now is None else now
@@ -198,8 +228,8 @@ class Ledger:
         p = self.policy
         good, recent_bad = self._db.execute(
             "SELECT COALESCE(SUM(state = 'vested' OR (state = 'held' AND verify = 'passed')), 0),"
-            " COALESCE(SUM(state = 'withheld' AND settled_at >= ?), 0) FROM credits WHERE node = ?",
-            (now - p.failure_memory_s, peer_id)).fetchone()
+            " COALESCE(SUM(state = 'withheld' AND settled_at >= ? AND COALESCE(reason, '') NOT LIKE ?), 0) FROM credits WHERE node = ?",
+            (now - p.failure_memory_s, UNCHECKED + "%", peer_id)).fetchone()
         return p.trusted_delay_s if good >= p.trusted_after and not recent_bad else p.new_delay_s
 
     # -- reading ----------------------------------------------------------------------------
@@ -254,6 +284,10 @@ class Ledger:
         if dup:
             problems.append(f"{dup} duplicated (node, request) pair(s)")
         return problems
+
+
+def _unchecked_reason(why: str) -> str | None:
+    return f"{UNCHECKED}: {why}"[:200] if why else None
 
 
 class _Transaction:

@@ -58,6 +58,9 @@ HUNG_AFTER_S = 1.0
 @dataclass
 class MeshBackendConfig:
     first_token_timeout: float = 60.0  # base wait for a node's first token (see first_token_deadline)
+    # The same for a node without a history with us (router.proven): an unknown identity that
+    # takes a request and answers nothing costs the user this, not the full wait.
+    unproven_first_token_timeout: float = 10.0
     token_timeout: float = 10.0  # longest silence between tokens (and before the final frame)
     admission_wait: float = 5.0  # how long a request may wait for a free slot before 503
     dial_timeout: float = 5.0
@@ -152,6 +155,14 @@ def first_token_deadline(config: MeshBackendConfig, request: InferRequest) -> fl
             + len(request.continuation) / REPLAY_FLOOR_TPS)
 
 
+def node_first_token_deadline(config: MeshBackendConfig, request: InferRequest, node: NodeState) -> float:
+    """first_token_deadline, with the short base for a node that has not proven itself."""
+    if not router.proven(node):
+        config = dataclasses.replace(config, first_token_timeout=min(config.first_token_timeout,
+                                                                     config.unproven_first_token_timeout))
+    return first_token_deadline(config, request)
+
+
 def describe_node(node: NodeState, tps: float | None = None) -> str:
     """How a node is described to users: model, quantization, speed; nothing identifying."""
     name = router.display_name(node.advert.model_name, node.model_sha256)
@@ -197,8 +208,9 @@ class _Attempt:
         self.call: NodeCall | None = None
 
     async def open(self) -> None:
+        # No advert addresses: see MeshView's module doc (only what libp2p saw is dialled).
         # A Leaving notice mid-generation: it finishes this one within its grace.
-        self.call = await open_call(self.host, self.node.peer_id, self.node.advert.addrs, self.request,
+        self.call = await open_call(self.host, self.node.peer_id, None, self.request,
                                     timeout=self.config.dial_timeout,
                                     on_leaving=lambda _: self.view.mark_leaving(self.node))
 
@@ -266,11 +278,16 @@ class MeshBackend:
         self.receipt_book = receipt_book or ReceiptBook()
         self.receipts: deque[AcceptedReceipt] = deque(maxlen=1000)  # the latest, for inspection
         self.counters = _Counters()
+        # Set by whoever runs verification: {model name: sha256} the entry verifies with (model
+        # names stay bound to them, router.build_catalog), and a check that the verifier can
+        # take a new node's work (router.pick's `admit`).
+        self.model_pins: dict[str, str] = {}
+        self.admit: Callable[[NodeState], bool] | None = None
 
     # -- models ---------------------------------------------------------------------------
 
     def models(self) -> list[ModelEntry]:
-        return router.build_catalog(self.view.nodes(), self.view.model_first_seen)
+        return router.build_catalog(self.view.nodes(), self.view.model_first_seen, self.model_pins)
 
     def resolve_model(self, model: str) -> ModelEntry | None:
         return router.resolve(self.models(), model)
@@ -286,6 +303,8 @@ class MeshBackend:
 
     def _known_recently(self, model: str) -> bool:
         # A model whose nodes just left (or are still connecting) is unavailable, not unknown.
+        if model in self.model_pins:
+            return True
         for n in self.view.all_nodes():
             sha, name = n.model_sha256, router.display_name(n.advert.model_name, n.model_sha256)
             if model in (sha, name, f"{name}@{sha[:12]}"):
@@ -324,7 +343,7 @@ class MeshBackend:
             failure: Exception | None = None
             try:
                 await attempt.open()
-                timeout = first_token_deadline(cfg, attempt.request)
+                timeout = node_first_token_deadline(cfg, attempt.request, node)
                 while final is None:
                     msg = await attempt.next(timeout)
                     if isinstance(msg, Final):
@@ -340,6 +359,11 @@ class MeshBackend:
                     if msg.ids or msg.text:
                         yield _token_event(msg)
             except _NODE_FAILURES as e:
+                if _cancelled():
+                    # Our consumer left while this broke: its stream died of our own
+                    # cancellation, which is no failure of the node.
+                    await attempt.cancel()
+                    await trio.lowlevel.checkpoint()  # raises the pending Cancelled
                 failure = e
             except BaseException:
                 # The consumer closed the iterator (client gone) or we are cancelled.
@@ -394,7 +418,7 @@ class MeshBackend:
         deadline = trio.current_time() + self.config.admission_wait
         while True:
             nodes = self.view.nodes()
-            node = router.pick(nodes, model_sha256, time.monotonic(), exclude=exclude)
+            node = router.pick(nodes, model_sha256, time.monotonic(), exclude=exclude, admit=self.admit)
             if node is not None:
                 self.view.acquire(node)
                 return node
@@ -507,6 +531,11 @@ class MeshBackend:
             "mesh_receipts_rejected_total": c.receipts_rejected,
         })
         return out
+
+
+def _cancelled() -> bool:
+    """Is the current task cancelled (trio reports a cancelled task's deadline as -inf)?"""
+    return trio.current_effective_deadline() == float("-inf")
 
 
 def _token_event(chunk: TokenChunk) -> TokenEvent:

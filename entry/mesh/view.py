@@ -9,6 +9,13 @@ a node pushes when it starts draining. So a node leaves routing
 - after `status_timeout` when it stops answering (hung, SIGSTOP, network black hole),
 - when its last advert expires (it stopped refreshing, whatever the stream says).
 
+Addresses: a node's advert names addresses, but the entry never dials them: a signed advert
+proves who signed it, not that the addresses are the signer's, and dialling them would let
+any identity make the entry connect to any host:port (a port scan or a reflection through the
+entry). Streams to a node go over the connection it opened to us, or to the addresses libp2p
+itself learnt for the peer (its signed peer record from the DHT or identify, or a connection
+we made that authenticated as it).
+
 Everything user-facing names nodes by pseudonym (a keyed hash of the peer id with a key
 that lives only in this process), never by peer id or address.
 """
@@ -65,6 +72,12 @@ PENALTY_VERIFY_FAILED = 0.5
 REWARD_VERIFIED = 0.02
 DEMOTE_AFTER = 2
 REINSTATE_AFTER = 2
+# Canary probes alone never reinstate a demoted node (a node that answers probes honestly and
+# users with garbage would come back each time): REINSTATE_AFTER passed probes put it on
+# probation, routed like an unproven node (entry/mesh/router.py) with every request checked,
+# and PROBATION_PASSES passed checks of user requests reinstate it. A failure on probation
+# demotes it again.
+PROBATION_PASSES = 3
 
 
 class Pseudonyms:
@@ -113,6 +126,8 @@ class NodeState:
     verify_streak: int = 0  # > 0: passes in a row; < 0: failures in a row
     last_verdict: str | None = None
     demoted: set = field(default_factory=set, repr=False, compare=False)
+    probation: set = field(default_factory=set, repr=False, compare=False)  # models (sha256) on probation
+    probation_passes: int = 0  # passed checks of user requests since probation began
     # Cancel scopes of our generations' reads on this node, interrupted when its status
     # stream is lost, so a hung node is abandoned after status_timeout rather than after the
     # (much longer) token timeouts.
@@ -192,22 +207,35 @@ class NodeState:
         """For verification (issue 5): positive rewards, negative punishes; kept in [0, 1]."""
         self.reputation = min(1.0, max(0.0, self.reputation + delta))
 
-    def verdict(self, now: float, model_sha256: str, passed: bool, reason: str = "") -> None:
+    def verdict(self, now: float, model_sha256: str, passed: bool, reason: str = "", canary: bool = False) -> None:
         """A verification outcome for work this node did on `model_sha256`."""
         if passed:
             self.verified += 1
             self.verify_streak = max(1, self.verify_streak + 1)
             self.last_verdict = "passed"
             self.adjust_reputation(REWARD_VERIFIED * (1.0 - self.reputation))
-            if model_sha256 in self.demoted and self.verify_streak >= REINSTATE_AFTER:
-                self.demoted.discard(model_sha256)
+            self._passed_on_probation(model_sha256, canary)
         else:
+            on_probation = model_sha256 in self.probation
+            self.probation.discard(model_sha256)
             self.verify_failed += 1
             self.verify_streak = min(-1, self.verify_streak - 1)
             self.last_verdict = f"failed: {reason}" if reason else "failed"
             self.penalize(now, PENALTY_VERIFY_FAILED)
-            if -self.verify_streak >= DEMOTE_AFTER:
+            if -self.verify_streak >= DEMOTE_AFTER or on_probation:
                 self.demoted.add(model_sha256)
+
+    def _passed_on_probation(self, model_sha256: str, canary: bool) -> None:
+        """Demoted -> (REINSTATE_AFTER passes in a row) probation -> (PROBATION_PASSES passed
+        user requests) reinstated; see PROBATION_PASSES."""
+        if model_sha256 in self.demoted and self.verify_streak >= REINSTATE_AFTER:
+            self.demoted.discard(model_sha256)
+            self.probation.add(model_sha256)
+            self.probation_passes = 0
+        elif model_sha256 in self.probation and not canary:
+            self.probation_passes += 1
+            if self.probation_passes >= PROBATION_PASSES:
+                self.probation.discard(model_sha256)
 
     def observe_speed(self, tps: float) -> None:
         self.observed_tps = tps if self.observed_tps is None else (1 - _SPEED_EWMA) * self.observed_tps + _SPEED_EWMA * tps
@@ -327,16 +355,17 @@ class MeshView:
                                         "cooldown_s": round(node.cooldown_until - time.monotonic(), 1)})
         self.notify()
 
-    def record_verdict(self, peer_id: str, model_sha256: str, passed: bool, reason: str = "") -> NodeState | None:
+    def record_verdict(self, peer_id: str, model_sha256: str, passed: bool, reason: str = "",
+                       canary: bool = False) -> NodeState | None:
         """Apply a verification outcome (the node may have left since: its state is kept a
         while, so the verdict still counts when it comes back)."""
         node = self._nodes.get(peer_id)
         if node is None:
             return None
         was_demoted = model_sha256 in node.demoted
-        node.verdict(time.monotonic(), model_sha256, passed, reason)
+        node.verdict(time.monotonic(), model_sha256, passed, reason, canary)
         if was_demoted != (model_sha256 in node.demoted):
-            log.warning("node demoted" if not was_demoted else "node reinstated",
+            log.warning("node demoted" if not was_demoted else "node on probation",
                         extra={"node": node.pseudonym, "model": model_sha256[:12]})
         self.notify()
         return node
@@ -391,7 +420,6 @@ class MeshView:
             return  # older than what we hold (a replay or a lagging copy), or not valid now
         if adv.node == self.host.peer_id:
             return
-        self.host.learn_addrs(adv.node, adv.addrs)
         self._saw(adv, time.monotonic())
         self.notify()
 
@@ -440,8 +468,8 @@ class MeshView:
         try:
             with scope:
                 try:
-                    stream = await self.host.open_stream(node.peer_id, INFER_PROTOCOL_ID, node.advert.addrs,
-                                                         timeout=self.dial_timeout)
+                    # No advert addresses (module doc).
+                    stream = await self.host.open_stream(node.peer_id, INFER_PROTOCOL_ID, timeout=self.dial_timeout)
                 except DialError:
                     raise _Lost("unreachable") from None
                 node.leaving = False  # a fresh stream: whatever it says now is what counts

@@ -1,14 +1,23 @@
 """Canary probes: requests the entry makes up itself, sent to one chosen node and checked.
 
 User traffic is verified only when a user happens to ask; a probe lets the entry check a node
-that gets little traffic, a node that just joined, and a demoted node that wants back in
-(demotion keeps user traffic away, so only probes can clear it). To be useful a probe must be
-indistinguishable from user traffic: the same request shape (a chat request built by
-build_request, with a fresh random request id and seed), ordinary sampling parameters, and a
-prompt made fresh from templates, names and numbers so no two probes repeat and no answer can
-be cached. Probes go out at random (exponential) intervals, and are credited like any request
-(a node that could tell them apart by their missing credit could learn which requests were
-probes, after the fact).
+that gets little traffic, a node that just joined, and a demoted node that wants back in.
+A probe is useful only if a node cannot tell it from user traffic, so everything about it is
+drawn like users' requests:
+- the conversation: a dialogue prefix (one user turn, or earlier turns plus the assistant's
+  answers and the next user turn) from ChatterBot's multilingual dialog corpus (the
+  `chatterbot-corpus` package, BSD-3-Clause, installed by scripts/setup.sh): ~7,600 distinct
+  conversations written by people in 28 languages, not a handful of templates a regex
+  matches (scripts/bench_canary.py measures that a TF-IDF classifier does no better than
+  chance at telling them from held-out conversations of the same corpus);
+- the sampling parameters: the mixture the entry's own clients send (the web chat's 0.7 and
+  512 tokens, the API's defaults, SDK-style settings; USER_PROFILES);
+- the shape: a chat request built by build_request, with a fresh random request id and seed;
+- the timing: exponential intervals; and probes are credited like any request, so their
+  missing credit does not give them away afterwards (except to a demoted node, whose probe
+  credits are withheld: it cannot earn while it is only being tested).
+Limit: the corpus is public, so a node that keeps a copy can recognise its conversations
+verbatim; an operator who needs more should probe with prompts nobody else has.
 
 Every probe is re-scored by the verifier (GenerationRecord.canary). Privacy: probes carry no
 user data by construction.
@@ -16,9 +25,11 @@ user data by construction.
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 import trio
 
@@ -33,51 +44,95 @@ from transport.node_client import NodeError, StreamBroken, open_call
 
 log = logging.getLogger("mesh.entry.canary")
 
-_TEMPLATES = (
-    "Can you explain {topic} in simple terms?",
-    "Write a short {form} about {topic}.",
-    "What are three tips for {activity}?",
-    "Summarize the idea of {topic} in a few sentences.",
-    "I'm planning {activity} with {n} friends on {day}. Any suggestions?",
-    "My friend {name} asked me about {topic}. How would you describe it?",
-    "Give me a quick overview of {topic}, please.",
-    "{name} wants to get better at {activity}. Where should they start?",
-    "Write a {form} for {name} who loves {topic}.",
-    "How long does {activity} usually take for a beginner? I have about {n} hours.",
+CORPUS_PACKAGE = "chatterbot_corpus"
+MAX_TURN_CHARS = 2000  # a few corpus answers are whole code listings; a user turn is shorter
+
+# (weight, temperatures, max_tokens, top_p): what our clients send. None = the API default
+# (temperature 0, max_tokens 256, top_p 1), i.e. the field left out.
+USER_PROFILES: tuple[tuple[float, tuple, tuple, tuple], ...] = (
+    (0.35, (0.7, 0.7, 0.7, 0.5, 1.0), (512,), (None,)),  # the web chat: its defaults, sometimes changed
+    (0.30, (None,), (None,), (None,)),  # a bare API call
+    (0.35, (None, 0.0, 0.2, 0.5, 0.7, 0.8, 1.0), (None, 64, 100, 128, 150, 200, 256, 300, 500, 512, 1000, 1024),
+     (None, None, None, 0.9, 0.95)),  # SDK code with its own settings
 )
-_FILL = {
-    "topic": ("photosynthesis", "compound interest", "the water cycle", "black holes", "machine learning", "volcanoes",
-              "the Roman empire", "sourdough bread", "jazz music", "electric cars", "sleep", "honeybees", "chess openings",
-              "the stock market", "coral reefs", "public libraries", "solar panels", "the moon landing", "tea", "origami"),
-    "form": ("poem", "story", "note", "limerick", "paragraph", "letter", "haiku", "dialogue"),
-    "activity": ("learning guitar", "running a 5k", "baking bread", "gardening", "learning Spanish", "painting",
-                 "hiking", "saving money", "cooking dinner", "studying for exams", "woodworking", "birdwatching"),
-    "day": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "the weekend"),
-    "name": ("Alex", "Sam", "Maria", "Chen", "Priya", "Jonas", "Fatima", "Lucas", "Aiko", "Omar", "Elena", "Kofi"),
-}
+
+
+class CanaryCorpusMissing(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def dialogues() -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """Every conversation of the corpus as a tuple of turns (user, assistant, user, ...), in a
+    fixed order. Loaded once; ~1 MB of YAML."""
+    try:
+        import yaml
+
+        root = importlib.resources.files(CORPUS_PACKAGE) / "data"
+        files = sorted((f for lang in root.iterdir() if lang.is_dir() for f in lang.iterdir()
+                        if f.name.endswith(".yml")), key=lambda f: (f.parent.name, f.name))
+    except (ImportError, FileNotFoundError) as e:
+        raise CanaryCorpusMissing(f"canary probes need the {CORPUS_PACKAGE.replace('_', '-')} package "
+                                  f"(scripts/setup.sh installs it): {e}") from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~20x faster, same result
+    out = []
+    for f in files:
+        try:
+            data = yaml.load(f.read_text(encoding="utf-8"), Loader=loader) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            log.warning("skipping an unreadable corpus file", extra={"file": f.name})
+            continue
+        for conv in data.get("conversations") or []:
+            turns = []
+            for t in conv if isinstance(conv, list) else []:
+                # YAML reads "yes" as True and 42 as an int: keep strings and numbers as written.
+                if isinstance(t, bool) or not isinstance(t, (str, int, float)) or not str(t).strip():
+                    break
+                turns.append(str(t).strip()[:MAX_TURN_CHARS])
+            if turns:
+                out.append(tuple(turns))
+    return tuple(out)
+
+
+def prefixes(convs) -> list[tuple[str, ...]]:
+    """Distinct dialogue prefixes that end with a user turn: what a chat client sends."""
+    return list(dict.fromkeys(c[:k + 1] for c in convs for k in range(0, len(c), 2)))
+
+
+@lru_cache(maxsize=1)
+def canary_pool() -> tuple[tuple[str, ...], ...]:
+    return tuple(prefixes(dialogues()))
+
+
+def canary_messages(rng: random.Random, pool=None) -> list[ChatMessage]:
+    turns = rng.choice(pool if pool is not None else canary_pool())
+    return [ChatMessage("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns)]
+
+
+def user_like_params(rng: random.Random) -> SamplingParams:
+    """Sampling parameters drawn like our users' (USER_PROFILES); the seed is build_request's."""
+    profile = rng.choices(USER_PROFILES, [p[0] for p in USER_PROFILES])[0]
+    _, temps, lengths, top_ps = profile
+    values = {"temperature": rng.choice(temps), "max_tokens": rng.choice(lengths), "top_p": rng.choice(top_ps)}
+    return SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
 
 @dataclass
 class CanaryConfig:
     interval: float = 60.0  # mean seconds between probes (0 = no probes)
     new_weight: float = 5.0  # a node with few passed checks is probed this much more often
-    demoted_weight: float = 3.0  # ... and a demoted one (it can only come back through probes)
+    demoted_weight: float = 3.0  # ... and a demoted one (probes are its way to probation)
     timeout: float = 180.0
     dial_timeout: float = 5.0
-    max_tokens: tuple[int, ...] = (64, 128, 256)
-    temperatures: tuple[float, ...] = (0.0, 0.7, 0.8, 1.0)
-
-
-def canary_prompt(rng: random.Random) -> str:
-    template = rng.choice(_TEMPLATES)
-    fill = {k: rng.choice(v) for k, v in _FILL.items()}
-    fill["n"] = rng.randint(2, 12)
-    return template.format(**fill)
+    # Fixed choices instead of the user-like mixture (tests keep probes short with these).
+    max_tokens: tuple[int, ...] | None = None
+    temperatures: tuple[float, ...] | None = None
 
 
 class CanaryProber:
     def __init__(self, backend: MeshBackend, verifier: Verifier, config: CanaryConfig | None = None,
                  rng: random.Random | None = None):
+        canary_pool()  # fail at start, not at the first probe, when the corpus is missing
         self.backend = backend
         self.host = backend.host
         self.view = backend.view
@@ -119,11 +174,12 @@ class CanaryProber:
 
     def make_request(self, model_sha256: str):
         c, rng = self.config, self.rng
-        temperature = rng.choice(c.temperatures)
-        params = SamplingParams(temperature=temperature, max_tokens=rng.choice(c.max_tokens),
-                                top_p=rng.choice((1.0, 0.9, 0.95)) if temperature else 1.0)
-        spec = GenerationSpec(model=model_sha256, kind="chat", params=params,
-                              messages=[ChatMessage("user", canary_prompt(rng))])
+        params = user_like_params(rng)
+        if c.max_tokens:
+            params.max_tokens = rng.choice(c.max_tokens)
+        if c.temperatures:
+            params.temperature = rng.choice(c.temperatures)
+        spec = GenerationSpec(model=model_sha256, kind="chat", params=params, messages=canary_messages(rng))
         return build_request(spec, model_sha256)
 
     async def probe(self, node: NodeState) -> GenerationRecord | None:
@@ -135,7 +191,8 @@ class CanaryProber:
         self.view.acquire(node)
         try:
             with trio.fail_after(self.config.timeout):
-                call = await open_call(self.host, node.peer_id, node.advert.addrs, request,
+                # No advert addresses (entry/mesh/view.py's module doc).
+                call = await open_call(self.host, node.peer_id, None, request,
                                        timeout=self.config.dial_timeout)
                 try:
                     async for chunk in call.chunks():

@@ -16,8 +16,15 @@ check. A generation is checked if any of its nodes draws it.
 
 Privacy: the prompt stays in this process, in memory, until its check ran; it never goes to
 another node. Cost: the replay is one prefill on `n_threads` (default 1) in a worker thread
-behind the engine's lock, queued, so a burst waits instead of slowing the API; when the queue
-is full the sample is skipped and counted.
+behind the engine's lock, queued, so a burst waits instead of slowing the API. The queue is
+bounded in jobs (`max_queue`) and in tokens (`max_queue_tokens`, prompt + output: a long
+prompt costs the verifier more, so it takes more of the budget).
+
+Fails closed: a sampled generation whose check cannot run (no room in the queue, longer than
+the verifier's context, an error) keeps its credits held as 'unchecked' until they expire
+unvested (entry/credits/ledger.py), and a node still in its "new" period is not routed to
+unless there is room to check its work (`admits`, router.pick's `admit`): flooding the
+verifier neither pays nor lets new nodes serve unchecked.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class VerifierConfig:
     suspicious_rate: float = 1.0
     calm_after: int = 10
     max_queue: int = 64
+    max_queue_tokens: int = 32768  # prompt + output tokens of the queued checks, together
+    reserve_tokens: int = 512  # what admits() sets aside for each request in flight on a new node
     n_threads: int = 1
     n_ctx: int = 4096
     # A node must accept generations of at least this many tokens: a "length" finish shorter
@@ -79,6 +88,7 @@ class VerifyModel:
     sha256: str
     weight: float
     end_ids: list[int]
+    name: str = ""  # the file name without .gguf: the name nodes serving this file use by default
 
 
 @dataclass
@@ -97,6 +107,7 @@ class _Job:
     record: GenerationRecord
     model: VerifyModel
     skip: set[str] = field(default_factory=set)  # peer ids already failed by a structural check
+    cost: int = 0  # tokens, for the queue's budget
 
 
 class Verifier:
@@ -111,6 +122,7 @@ class Verifier:
         self._send, self._recv = trio.open_memory_channel(self.config.max_queue)
         self._limiter = trio.CapacityLimiter(1)
         self._busy = 0  # jobs queued or running
+        self._queued_tokens = 0  # their cost (job_cost), together
         self._idle = trio.Event()
         self._idle.set()
         self.seconds = 0.0  # spent re-scoring
@@ -136,7 +148,8 @@ class Verifier:
         engine = Engine(path, n_ctx=self.config.n_ctx, n_threads=self.config.n_threads)
         n_params = int(engine._lc.llama_model_n_params(engine._llm.model))
         end_ids = [t for t in range(engine.n_vocab) if engine.is_end(t)]
-        model = VerifyModel(engine, engine.info.sha256, model_weight(n_params), end_ids)
+        model = VerifyModel(engine, engine.info.sha256, model_weight(n_params), end_ids,
+                            Path(path).name.removesuffix(".gguf"))
         self.models[model.sha256] = model
         log.info("verifying model", extra={"model": engine.info.name, "sha256": model.sha256[:16], "weight": round(model.weight, 4)})
         return model
@@ -144,6 +157,11 @@ class Verifier:
     def weight(self, sha256: str) -> float:
         m = self.models.get(sha256)
         return m.weight if m is not None else model_weight(None)
+
+    def pins(self) -> dict[str, str]:
+        """{model name: sha256} of the models we verify with: those names stay theirs
+        (entry/mesh/router.py build_catalog)."""
+        return {m.name: m.sha256 for m in self.models.values() if m.name}
 
     def close(self) -> None:
         for m in self.models.values():
@@ -157,7 +175,7 @@ class Verifier:
             return c.new_rate
         if node_state.verify_failed and node_state.verified < c.calm_after * node_state.verify_failed:
             return c.suspicious_rate
-        if node_state.model_sha256 in node_state.demoted:
+        if node_state.model_sha256 in node_state.demoted or node_state.model_sha256 in getattr(node_state, "probation", ()):
             return c.suspicious_rate
         if node_state.verified < c.new_until:
             return c.new_rate
@@ -167,6 +185,36 @@ class Verifier:
         if self.view is None:
             return None
         return next((n for n in self.view.all_nodes() if n.peer_id == peer_id), None)
+
+    # -- capacity -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def job_cost(record: GenerationRecord) -> int:
+        """Tokens a check of `record` replays. The prompt's count is the node's word, checked
+        only by the replay itself, so a UTF-8 bytes / 4 floor keeps a node that understates
+        it from getting a long prompt into the queue cheaply."""
+        req = record.request
+        chars = len(req.prompt.encode()) + sum(len(m.content.encode()) for m in req.messages)
+        return max(record.prompt_tokens, chars // 4) + len(record.ids) + 1
+
+    def _has_room(self, cost: int, reserved_jobs: int = 0, reserved_tokens: int = 0) -> bool:
+        c = self.config
+        return (self._busy + reserved_jobs < c.max_queue
+                and self._queued_tokens + reserved_tokens + cost <= c.max_queue_tokens)
+
+    def _checked_closely(self, node_state) -> bool:
+        return node_state.model_sha256 in self.models and self.rate_for(node_state) > self.config.rate
+
+    def admits(self, node_state) -> bool:
+        """May the router send a request to this node? Always, unless every request of the node
+        is checked (new, suspicious, on probation) and the queue has no room for one more
+        beyond what its requests in flight will bring."""
+        if not self._checked_closely(node_state):
+            return True
+        nodes = self.view.nodes() if self.view is not None else [node_state]
+        flying = sum(n.in_flight for n in nodes if n.in_flight and self._checked_closely(n))
+        c = self.config
+        return self._has_room(c.reserve_tokens, flying, flying * c.reserve_tokens)
 
     # -- a finished generation -------------------------------------------------------------------
 
@@ -178,27 +226,48 @@ class Verifier:
         sampled = model is not None and (record.canary or any(
             self._rng.random() < self.rate_for(self._state(p.peer_id)) for p in record.parts))
         queued = False
+        unchecked = ""
         if sampled:
-            try:
-                self._send.send_nowait(_Job(record, model, set(structural)))
-                queued = True
-                self._busy += 1
-                self._idle = trio.Event() if self._idle.is_set() else self._idle
-                self.m_queue.inc()
-            except trio.WouldBlock:
+            queued = self._enqueue(_Job(record, model, set(structural), self.job_cost(record)))
+            if not queued:
+                unchecked = "queue_full"
                 self.m_skipped.inc(why="queue_full")
         if self.ledger is not None:
             parts = [PartCredit(p.peer_id, len(p.ids) if (p.receipt is not None or not p.finished) else 0,
                                 p.receipt.blob if p.receipt is not None else None) for p in record.parts]
             weight = self.weight(req.model_sha256)
             booked = self.ledger.book(req.request_id, req.model_sha256, parts, weight=weight, pending=queued,
-                                      canary=record.canary)
+                                      canary=record.canary, unchecked=unchecked)
             if booked:
                 self.m_credits.inc(sum(p.tokens for p in parts) * weight)
+            self._withhold_demoted_canary(record)
         for part in record.parts:
             if part.peer_id in structural:
                 self._apply(record, Verdict(req.request_id, part.peer_id, part.pseudonym, req.model_sha256, False,
                                             structural[part.peer_id], len(part.ids), False, record.canary))
+
+    def _enqueue(self, job: _Job) -> bool:
+        if not self._has_room(job.cost):
+            return False
+        try:
+            self._send.send_nowait(job)
+        except trio.WouldBlock:
+            return False
+        self._busy += 1
+        self._queued_tokens += job.cost
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self.m_queue.inc()
+        return True
+
+    def _withhold_demoted_canary(self, record: GenerationRecord) -> None:
+        """A demoted node earns nothing from the probes that test it: passing them is its way
+        back to probation, not a way to be paid while users are kept away from it."""
+        if not record.canary:
+            return
+        for p in record.parts:
+            st = self._state(p.node)
+            if st is not None and record.request.model_sha256 in st.demoted:
+                self.ledger.settle_verification(record.request.request_id, {p.node: (False, "demoted")})
 
     def _structural(self, record: GenerationRecord) -> dict[str, str]:
         """Failures visible without the model: {peer id: reason}."""
@@ -227,6 +296,7 @@ class Verifier:
                     outcome = _Outcome([], skipped="error")
                 finally:
                     self._busy -= 1
+                    self._queued_tokens -= job.cost
                     self.m_queue.dec()
                 verdicts = outcome.verdicts
                 if outcome.skipped:
@@ -237,7 +307,8 @@ class Verifier:
                 for v in verdicts:
                     self._apply(job.record, v)
                 if not verdicts and self.ledger is not None:
-                    self.ledger.abandon(job.record.request.request_id)
+                    # Fail closed: held, then withheld at vesting time (ledger module doc).
+                    self.ledger.mark_unchecked(job.record.request.request_id, outcome.skipped or "no_verdict")
                 if self._busy == 0:
                     self._idle.set()
 
@@ -245,6 +316,7 @@ class Verifier:
         while True:
             try:
                 self.ledger.vest_due()
+                self.ledger.expire_unchecked()
             except Exception:
                 log.exception("vesting failed")
             await trio.sleep(self.config.vest_interval)
@@ -333,4 +405,4 @@ class Verifier:
         if self.ledger is not None:
             self.ledger.settle_verification(v.request_id, {v.peer_id: (v.passed, v.reason)})
         if self.view is not None:
-            self.view.record_verdict(v.peer_id, v.model_sha256, v.passed, v.reason)
+            self.view.record_verdict(v.peer_id, v.model_sha256, v.passed, v.reason, canary=v.canary)

@@ -32,6 +32,14 @@ def node(peer: str = "peer-a", *, sha: str = SHA, name: str = "smol", slots: int
     return n
 
 
+def proven(n: NodeState, tps: float | None = None) -> NodeState:
+    """As if it had finished requests for us (and we had measured its speed, if given)."""
+    n.served = max(n.served, router.PROVEN_AFTER)
+    if tps is not None:
+        n.observed_tps = tps
+    return n
+
+
 # -- eligibility ------------------------------------------------------------------------------
 
 def test_pick_only_nodes_whose_advert_and_status_name_the_model():
@@ -66,7 +74,7 @@ def test_pick_skips_leaving_cooling_excluded_and_absent_nodes():
 
 
 def test_never_more_of_our_requests_than_slots():
-    n = node(slots=2)
+    n = proven(node(slots=2))
     n.in_flight = 1
     assert router.pick([n], SHA, NOW) is n
     n.in_flight = 2
@@ -74,7 +82,7 @@ def test_never_more_of_our_requests_than_slots():
 
 
 def test_others_load_from_status_counts_but_ours_is_not_counted_twice():
-    n = node(slots=2, free=1)  # someone else runs one request there
+    n = proven(node(slots=2, free=1))  # someone else runs one request there
     assert n.free_slots() == 1
     n.in_flight = 1
     assert n.free_slots() == 0 and router.pick([n], SHA, NOW) is None
@@ -94,17 +102,17 @@ def _winner(*nodes: NodeState) -> NodeState:
 
 
 def test_score_prefers_free_fast_near_and_reputable_nodes():
-    assert _winner(node("a", slots=2, free=1), node("b", slots=2, free=2)).peer_id == "b"
-    assert _winner(node("a", tps=20), node("b", tps=200)).peer_id == "b"
+    assert _winner(proven(node("a", slots=2, free=1)), proven(node("b", slots=2, free=2))).peer_id == "b"
+    assert _winner(proven(node("a"), tps=20), proven(node("b"), tps=200)).peer_id == "b"
     assert _winner(node("a", latency=0.2), node("b", latency=0.002)).peer_id == "b"
-    assert _winner(node("a", slots=2, free=1, queued=2), node("b", slots=2, free=1)).peer_id == "b"
+    assert _winner(proven(node("a", slots=2, free=1, queued=2)), proven(node("b", slots=2, free=1))).peer_id == "b"
     bad = node("a")
     bad.reputation = 0.1
     assert _winner(bad, node("b")).peer_id == "b"
-    measured = node("a", tps=500)
+    measured = proven(node("a", tps=500))
     measured.observe_speed(10)  # what it claims loses to what we measured
     assert measured.decode_tps() == 10
-    assert _winner(measured, node("b", tps=100)).peer_id == "b"
+    assert _winner(measured, proven(node("b"), tps=100)).peer_id == "b"
 
 
 def test_a_newcomer_gets_work_beside_nodes_that_earned_reputation():
@@ -113,11 +121,22 @@ def test_a_newcomer_gets_work_beside_nodes_that_earned_reputation():
         for _ in range(40):
             v.succeeded()
     newcomer = node("new", slots=2)
-    assert _winner(*veterans, newcomer).peer_id == "new"
-    # the bonus fades as it serves: after a handful of requests it is one node among equals
-    for _ in range(5):
+    # Unproven, it gets about UNPROVEN_SHARE of the picks, and wins the ones it may take.
+    rng = random.Random(3)
+    picks = [router.pick([*veterans, newcomer], SHA, NOW, rng=rng).peer_id for _ in range(1000)]
+    assert 0.05 < picks.count("new") / len(picks) < 0.15
+    # Only one of our requests at a time until it is proven...
+    newcomer.in_flight = 1
+    assert router.pick([newcomer], SHA, NOW) is None
+    # ...then it is routed on its score and slots like any node.
+    for _ in range(router.PROVEN_AFTER):
         newcomer.succeeded()
-    assert _winner(*veterans, newcomer).peer_id != "new"
+    assert router.pick([newcomer], SHA, NOW) is newcomer
+    for v in veterans:
+        v.in_flight = 2
+    assert _winner(*veterans, newcomer).peer_id == "new"
+    for v in veterans:
+        v.in_flight = 0
     # and a node that keeps failing does not keep it
     flaky = node("flaky", slots=2)
     for _ in range(8):

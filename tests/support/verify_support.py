@@ -65,6 +65,8 @@ async def verifying_entry(tmp: Path, verify_model: Path, *, rate: float = 1.0, p
         async with open_mesh_host(Identity.generate()) as host:
             async with open_mesh_backend(host, on_generation_done=verifier.on_generation_done, **VIEW_OPTIONS) as backend:
                 verifier.view = backend.view
+                backend.model_pins = verifier.pins()
+                backend.admit = verifier.admits
                 async with trio.open_nursery() as nursery:
                     await nursery.start(verifier.run)
                     try:
