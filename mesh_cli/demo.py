@@ -1,4 +1,5 @@
-"""`mesh demo`: a whole mesh on loopback — one entry and two nodes on the bundled model."""
+"""`mesh demo`: a whole mesh on loopback — one entry and one node per bundled model (SmolLM2
+and Gemma 3 270M), so requests can be routed between two different models."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from runtime.settings import mesh_home
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run a local mesh: one entry (open mode) and two nodes on 127.0.0.1",
-                       description="Start an entry node in open mode and two node daemons on the bundled model, all on "
-                       "127.0.0.1, then print the web chat URL and an example curl. Ctrl-C stops everything cleanly.")
+    p = sub.add_parser("demo", help="run a local mesh: one entry (open mode) and a node per bundled model on 127.0.0.1",
+                       description="Start an entry node in open mode and node daemons on 127.0.0.1 (by default one for "
+                       "each bundled model: SmolLM2-135M-Instruct and Gemma 3 270M), then print the web chat URL and "
+                       "an example curl. The nodes share the CPU cores. Ctrl-C stops everything cleanly.")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the entry (default 8000)")
-    p.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
-    p.add_argument("--model", help="GGUF file the nodes serve (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes per model (default 1)")
+    p.add_argument("--model", action="append", metavar="PATH",
+                   help="GGUF file to serve (repeatable; default: the bundled SmolLM2-135M-Instruct and Gemma 3 270M)")
     p.add_argument("--state-dir", help="where keys, ready files and logs go (default: ~/.mesh/demo)")
     p.set_defaults(func=run)
 
@@ -65,19 +68,33 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def plan_nodes(models: list[Path], per_model: int, cores: int) -> list[tuple[str, Path, int]]:
+    """(name, model, llama.cpp threads) for every node: `per_model` nodes on each model.
+    Processes that together run more llama.cpp threads than there are cores slow down by
+    orders of magnitude (spin-waiting), so the nodes split the cores."""
+    total = len(models) * per_model
+    threads = max(1, cores // total)
+    return [(f"node{i + 1}", model, threads) for i, model in enumerate(m for m in models for _ in range(per_model))]
+
+
 def run(args: argparse.Namespace) -> int:
     from runtime.errors import CliError
 
     if args.nodes < 1:
         raise CliError("--nodes must be at least 1")
+    from engine.model_file import ModelFileError, bundled_models
+
+    try:
+        # Resolved here, once: the Gemma file is assembled on first use, not by every node.
+        models = [Path(m) for m in args.model] if args.model else bundled_models()
+    except ModelFileError as e:
+        raise CliError(str(e)) from None
+    plan = plan_nodes(models, args.nodes, os.cpu_count() or 1)
     # SIGTERM (e.g. from a supervisor) must clean up like Ctrl-C, not orphan the children.
     signal.signal(signal.SIGTERM, _interrupt)
     state = Path(args.state_dir) if args.state_dir else mesh_home() / "demo"
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    # Processes that together run more llama.cpp threads than there are cores slow down
-    # by orders of magnitude (spin-waiting): split the cores between the nodes.
-    threads = max(1, (os.cpu_count() or 1) // args.nodes)
     children: list[Child] = []
     try:
         print(f"starting the entry on http://127.0.0.1:{args.port} … (logs in {logs})", flush=True)
@@ -85,24 +102,24 @@ def run(args: argparse.Namespace) -> int:
         children.append(entry)
         info = entry.wait_ready(60)
         url, bootstrap = info["url"], info["p2p_addrs"][0]
-        model_args = ["--model", args.model] if args.model else []
-        for i in range(1, args.nodes + 1):
+        for i, (name, model, threads) in enumerate(plan, 1):
             # One at a time: each node measures its own speed at start, and two benchmarks
             # running at once would both measure contention.
-            print(f"starting node {i}/{args.nodes}: loading the model and measuring its speed …", flush=True)
-            node = Child(f"node{i}", ["node", "start", "--bootstrap", bootstrap, "--threads", str(threads), *model_args],
-                         state / f"node{i}", logs)
+            print(f"starting node {i}/{len(plan)} on {model.name}: loading the model and measuring its speed …", flush=True)
+            node = Child(name, ["node", "start", "--bootstrap", bootstrap, "--threads", str(threads), "--model", str(model)],
+                         state / name, logs)
             children.append(node)
             node.wait_ready(180)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and sum(m.get("nodes", 0) for m in _models(url)) < args.nodes:
+        while time.monotonic() < deadline and sum(m.get("nodes", 0) for m in _models(url)) < len(plan):
             time.sleep(0.3)
-        models = _models(url)
-        if not models:
+        served = _models(url)
+        if not served:
             raise RuntimeError("the entry sees no node; see the logs in " + str(logs))
-        model_id = models[0]["id"]
+        model_id = served[0]["id"]
+        listing = ", ".join(f"{m['id']} ({m.get('nodes', 0)} node{'s' if m.get('nodes', 0) != 1 else ''})" for m in served)
         print(f"""
-mesh ready: {sum(m.get('nodes', 0) for m in models)} node(s) serving {', '.join(m['id'] for m in models)}
+mesh ready: {listing}
 
   web chat:  {url}/
   API:       {url}/v1  (OpenAI-compatible, open mode: any or no API key)

