@@ -1,0 +1,420 @@
+"""The learned router: predicts each model's quality on a prompt from its text, then picks.
+
+Why this design: a routing decision must cost a few milliseconds on a CPU and must keep
+working on prompts unlike the training tables, so the router is an average of three
+small, differently-biased predictors over local text features (:mod:`routing.features`):
+
+* ``linear`` -- per-model logistic regression on sparse word + character TF-IDF and
+  format features (fractional scores are fitted as soft labels);
+* ``neighbours`` -- similarity-weighted mean score of the k most similar training
+  prompts (cosine over the SVD embedding), shrunk towards the model's global mean;
+* ``clusters`` -- the Avengers idea: KMeans clusters of the embedding, each with its
+  per-model mean score, shrunk towards the global mean.
+
+Averaging them was better in 5-fold cross-validation than any one alone, and none of them
+reads a prompt's ``task``: the router only ever sees text. A model missing from some
+training rows is fitted on the rows that score it.
+
+Choosing (:class:`Policy`): either the cheapest candidate whose predicted quality is at
+least ``tolerance`` times the best predicted quality, or the best predicted quality among
+candidates priced at most ``max_price``. Candidates are the models available now, minus
+the deny list, within the allow list, that the router was trained on.
+
+A fitted router is saved with :meth:`Router.save` and loaded with :func:`load_router`;
+both use pickle, so **only load router files you trust** (loading one runs its code).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import sklearn
+from scipy import sparse
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+
+from .features import FeatureConfig, TextFeaturizer
+from .tables import ModelPrice, ScoreRow, load_prices, load_table
+
+__all__ = [
+    "Decision",
+    "Policy",
+    "Router",
+    "RouterConfig",
+    "RoutingError",
+    "fit_router",
+    "load_router",
+]
+
+FloatArray = npt.NDArray[np.float64]
+_FORMAT = "inference-mesh-router"
+_FORMAT_VERSION = 1
+
+
+class RoutingError(ValueError):
+    """No decision can be made (no candidate model, a missing price, a bad file...)."""
+
+
+# --- policy and decision ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How to trade predicted quality for price.
+
+    ``mode="cheapest_within"``: the cheapest candidate whose predicted quality is >=
+    ``tolerance`` * the best candidate's (0.95: give up at most 5% of quality).
+    ``mode="best_under_cap"``: the best predicted quality among candidates whose output
+    price per 1M tokens is <= ``max_price``. ``max_price`` also caps the first mode when
+    set. ``allow`` (if given) and ``deny`` filter the candidates by model name.
+    """
+
+    mode: Literal["cheapest_within", "best_under_cap"] = "cheapest_within"
+    tolerance: float = 0.95
+    max_price: float | None = None
+    allow: frozenset[str] | None = None
+    deny: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("cheapest_within", "best_under_cap"):
+            raise RoutingError(f"unknown policy mode {self.mode!r}")
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise RoutingError(f"tolerance must be in [0, 1], got {self.tolerance}")
+        if self.mode == "best_under_cap" and self.max_price is None:
+            raise RoutingError('policy "best_under_cap" needs max_price')
+        if self.max_price is not None and not self.max_price >= 0:
+            raise RoutingError(f"max_price must be >= 0, got {self.max_price}")
+
+    @classmethod
+    def cheapest_within(cls, tolerance: float = 0.95, *, allow: Iterable[str] | None = None,
+                        deny: Iterable[str] = (), max_price: float | None = None) -> Policy:
+        """Policy (a): cheapest model within ``tolerance`` of the best predicted quality."""
+        return cls("cheapest_within", tolerance, max_price,
+                   None if allow is None else frozenset(allow), frozenset(deny))
+
+    @classmethod
+    def best_under_cap(cls, max_price: float, *, allow: Iterable[str] | None = None,
+                       deny: Iterable[str] = ()) -> Policy:
+        """Policy (b): best predicted quality among models priced <= ``max_price``."""
+        return cls("best_under_cap", 1.0, max_price,
+                   None if allow is None else frozenset(allow), frozenset(deny))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A routing decision and why it was made."""
+
+    model: str
+    predicted: Mapping[str, float]  # predicted quality of every candidate
+    predicted_best: str  # the candidate with the highest predicted quality
+    best_single: str | None  # the candidate best on the training table overall
+    price: float | None  # chosen model's output price per 1M tokens
+    best_single_price: float | None
+    excluded: Mapping[str, str]  # available model -> why it was not a candidate
+    policy: Policy
+
+    @property
+    def cost_vs_best_single(self) -> float | None:
+        """Chosen price / the best single model's price (None without prices)."""
+        if self.price is None or not self.best_single_price:
+            return None
+        return self.price / self.best_single_price
+
+    def explain(self) -> str:
+        """A few human-readable lines: choice, predictions, and cost vs best single."""
+        lines = [f"chose {self.model} ({self.policy.mode}, tolerance {self.policy.tolerance:g}"
+                 + (f", max price {self.policy.max_price:g}" if self.policy.max_price is not None else "")
+                 + ")"]
+        lines.append(f"predicted best: {self.predicted_best}; best single model on training data: {self.best_single}")
+        ratio = self.cost_vs_best_single
+        if ratio is not None:
+            lines.append(f"price {self.price:g} vs best single {self.best_single_price:g} per 1M tokens ({ratio:.0%})")
+        for m, q in sorted(self.predicted.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {m:40s} predicted quality {q:.3f}{'  <- chosen' if m == self.model else ''}")
+        for m, why in sorted(self.excluded.items()):
+            lines.append(f"  {m:40s} not a candidate: {why}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict of the decision."""
+        return {
+            "model": self.model,
+            "predicted": {m: round(q, 6) for m, q in self.predicted.items()},
+            "predicted_best": self.predicted_best,
+            "best_single": self.best_single,
+            "price": self.price,
+            "best_single_price": self.best_single_price,
+            "cost_vs_best_single": self.cost_vs_best_single,
+            "excluded": dict(self.excluded),
+            "policy": {"mode": self.policy.mode, "tolerance": self.policy.tolerance,
+                       "max_price": self.policy.max_price,
+                       "allow": None if self.policy.allow is None else sorted(self.policy.allow),
+                       "deny": sorted(self.policy.deny)},
+        }
+
+
+# --- the learned predictor --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Hyper-parameters; the defaults were picked by 5-fold CV on the shared tables and
+    kept round, to generalise rather than fit those rows."""
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    components: tuple[str, ...] = ("linear", "neighbours", "clusters")
+    linear_c: float = 1.0  # inverse L2 strength of the logistic regressions
+    neighbours: int = 100
+    neighbour_prior: float = 5.0  # pseudo-weight of the global mean per 100 neighbours
+    clusters: int = 48
+    cluster_prior: float = 10.0  # pseudo-count of the global mean in a cluster's mean
+    seed: int = 0
+
+
+def _soft_logistic(x: sparse.csr_matrix, y: FloatArray, c: float, seed: int) -> tuple[FloatArray, float]:
+    """(coef, intercept) of a logistic regression on scores in [0, 1]: a fractional
+    score s becomes two weighted rows (label 1 weight s, label 0 weight 1 - s)."""
+    hard = (y == 0.0) | (y == 1.0)
+    if y.min() == y.max():  # one value only: a constant predictor
+        p = min(max(float(y[0]), 1e-4), 1 - 1e-4)
+        return np.zeros(x.shape[1]), math.log(p / (1 - p))
+    soft = ~hard
+    xs = sparse.vstack([x[hard], x[soft], x[soft]], format="csr")
+    ys = np.concatenate([y[hard], np.ones(int(soft.sum())), np.zeros(int(soft.sum()))]).astype(int)
+    ws = np.concatenate([np.ones(int(hard.sum())), y[soft], 1.0 - y[soft]])
+    if len(np.unique(ys[ws > 0])) < 2:
+        p = min(max(float(np.average(ys, weights=ws)), 1e-4), 1 - 1e-4)
+        return np.zeros(x.shape[1]), math.log(p / (1 - p))
+    lr = LogisticRegression(C=c, max_iter=1000, random_state=seed)
+    lr.fit(xs, ys, sample_weight=ws)
+    return np.asarray(lr.coef_[0], dtype=np.float64), float(lr.intercept_[0])
+
+
+class Router:
+    """Predicts each known model's quality on a prompt and routes by :class:`Policy`.
+
+    Build with :meth:`fit` (or :func:`fit_router` from files), persist with :meth:`save`
+    and :func:`load_router`. Thread-safe for concurrent :meth:`route` calls after fitting.
+    """
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        self.config = config or RouterConfig()
+        self.models: tuple[str, ...] = ()
+        self.prices: dict[str, float] = {}
+        self.train_means: dict[str, float] = {}
+        self.n_train = 0
+        self._feat = TextFeaturizer(self.config.features)
+        self._coef: FloatArray = np.zeros((0, 0))
+        self._intercept: FloatArray = np.zeros(0)
+        self._emb: FloatArray = np.zeros((0, 0))
+        self._y: FloatArray = np.zeros((0, 0))  # training scores, NaN where missing
+        self._centers: FloatArray = np.zeros((0, 0))
+        self._cluster_means: FloatArray = np.zeros((0, 0))
+        self._global: FloatArray = np.zeros(0)
+
+    # fitting
+
+    @classmethod
+    def fit(cls, rows: Sequence[ScoreRow], prices: Mapping[str, ModelPrice | float] | None = None,
+            config: RouterConfig | None = None) -> Router:
+        """Fit on score-table rows (only their text and scores are read).
+
+        ``prices`` (output price per 1M tokens, or :class:`ModelPrice`) are kept for
+        routing; they can also be given per :meth:`route` call.
+        """
+        if len(rows) < 2:
+            raise RoutingError("need at least two training rows")
+        r = cls(config)
+        cfg = r.config
+        r.models = tuple(sorted({m for row in rows for m in row.scores}))
+        y = np.full((len(rows), len(r.models)), np.nan)
+        index = {m: j for j, m in enumerate(r.models)}
+        for i, row in enumerate(rows):
+            for m, v in row.scores.items():
+                y[i, index[m]] = v
+        r._y = y
+        r._global = np.array([float(np.nanmean(y[:, j])) for j in range(len(r.models))])
+        r.train_means = dict(zip(r.models, r._global.tolist()))
+        r.n_train = len(rows)
+        r.set_prices(prices or {})
+        texts = [row.text for row in rows]
+        x, emb = r._feat.fit_transform(texts)
+        r._emb = emb
+        if "linear" in cfg.components:
+            coefs, ints = [], []
+            for j in range(len(r.models)):
+                has = np.isfinite(y[:, j])
+                c, b = _soft_logistic(x[has], y[has, j], cfg.linear_c, cfg.seed)
+                coefs.append(c)
+                ints.append(b)
+            r._coef = np.stack(coefs, axis=1)
+            r._intercept = np.asarray(ints)
+        if "clusters" in cfg.components:
+            k = max(1, min(cfg.clusters, len(rows) // 30))  # >= 30 rows a cluster on average
+            km = KMeans(k, random_state=cfg.seed, n_init=3).fit(emb)
+            r._centers = np.asarray(km.cluster_centers_, dtype=np.float64)
+            means = np.empty((k, len(r.models)))
+            for c in range(k):
+                sel = y[km.labels_ == c]
+                has = np.isfinite(sel)
+                means[c] = (np.where(has, sel, 0.0).sum(0) + cfg.cluster_prior * r._global) / (
+                    has.sum(0) + cfg.cluster_prior)
+            r._cluster_means = means
+        return r
+
+    def set_prices(self, prices: Mapping[str, ModelPrice | float]) -> None:
+        """Set or update output prices per 1M tokens used by the policies."""
+        for m, p in prices.items():
+            self.prices[m] = float(p.output_per_mtok if isinstance(p, ModelPrice) else p)
+
+    # predicting
+
+    def _components(self, x: sparse.csr_matrix, emb: FloatArray) -> list[FloatArray]:
+        cfg = self.config
+        out: list[FloatArray] = []
+        if "linear" in cfg.components:
+            z = np.asarray(x @ self._coef) + self._intercept
+            out.append(1.0 / (1.0 + np.exp(-np.clip(z, -30, 30))))
+        if "neighbours" in cfg.components:
+            # small tables: a fixed share of the rows, not half of them
+            k = max(1, min(cfg.neighbours, len(self._emb) // 20 or 1))
+            sims = emb @ self._emb.T
+            idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            w = np.maximum(np.take_along_axis(sims, idx, axis=1), 0.0) ** 2
+            ys = self._y[idx]  # [n, k, models]
+            has = np.isfinite(ys)
+            num = np.einsum("nk,nkm->nm", w, np.where(has, ys, 0.0))
+            den = np.einsum("nk,nkm->nm", w, has.astype(np.float64))
+            prior = cfg.neighbour_prior * k / 100  # the same share of the weight at any k
+            out.append((num + prior * self._global) / (den + prior))
+        if "clusters" in cfg.components:
+            d = (self._centers ** 2).sum(1)[None, :] - 2.0 * emb @ self._centers.T
+            out.append(self._cluster_means[d.argmin(axis=1)])
+        return out
+
+    def predict(self, texts: Sequence[str]) -> FloatArray:
+        """Predicted quality ``[len(texts), len(self.models)]`` (columns: ``self.models``)."""
+        if not self.models:
+            raise RoutingError("the router is not fitted")
+        x, emb = self._feat.transform(texts)
+        parts = self._components(x, emb)
+        return np.asarray(np.mean(parts, axis=0), dtype=np.float64)
+
+    def predict_rows(self, rows: Sequence[ScoreRow], models: Sequence[str]) -> FloatArray:
+        """Predicted quality of ``models`` on rows (reads only each row's text)."""
+        pred = self.predict([r.text for r in rows])
+        index = {m: j for j, m in enumerate(self.models)}
+        cols = [index[m] if m in index else -1 for m in models]
+        out = pred[:, [max(c, 0) for c in cols]]
+        out[:, [i for i, c in enumerate(cols) if c < 0]] = 0.0
+        return out
+
+    def predict_one(self, text: str) -> dict[str, float]:
+        """Predicted quality of every known model on one prompt."""
+        return dict(zip(self.models, self.predict([text])[0].tolist()))
+
+    # routing
+
+    def route(self, text: str, available: Iterable[str], policy: Policy | None = None,
+              prices: Mapping[str, float] | None = None) -> Decision:
+        """Pick a model for ``text`` among ``available`` (the models reachable now).
+
+        ``prices`` (output price per 1M tokens) override the router's for this call.
+        Raises :class:`RoutingError` when no candidate remains or a needed price is missing.
+        """
+        policy = policy or Policy()
+        price_of = dict(self.prices)
+        if prices:
+            price_of.update({m: float(p) for m, p in prices.items()})
+        known = set(self.models)
+        excluded: dict[str, str] = {}
+        cands: list[str] = []
+        for m in dict.fromkeys(available):
+            if m not in known:
+                excluded[m] = "not in the router's training data"
+            elif m in policy.deny:
+                excluded[m] = "denied"
+            elif policy.allow is not None and m not in policy.allow:
+                excluded[m] = "not in the allow list"
+            elif policy.max_price is not None and m not in price_of:
+                excluded[m] = "no price (a cost cap is set)"
+            elif policy.max_price is not None and price_of[m] > policy.max_price:
+                excluded[m] = f"price {price_of[m]:g} over the cap {policy.max_price:g}"
+            else:
+                cands.append(m)
+        if not cands:
+            raise RoutingError("no candidate model: " + (
+                "; ".join(f"{m}: {why}" for m, why in excluded.items()) or "none available"))
+        if policy.mode == "cheapest_within" and len(cands) > 1:
+            unpriced = [m for m in cands if m not in price_of]
+            if unpriced:
+                raise RoutingError(f"no price for model(s) {', '.join(unpriced)}: cannot pick the cheapest")
+        q = self.predict_one(text)
+        pred = {m: q[m] for m in cands}
+        best = max(cands, key=lambda m: (pred[m], -price_of.get(m, 0.0)))
+        if policy.mode == "cheapest_within":
+            floor = policy.tolerance * pred[best] - 1e-12
+            ok = [m for m in cands if pred[m] >= floor]
+            chosen = min(ok, key=lambda m: (price_of.get(m, 0.0), -pred[m]))
+        else:
+            chosen = best
+        single = max(cands, key=lambda m: (self.train_means[m], -price_of.get(m, 0.0)))
+        return Decision(
+            model=chosen,
+            predicted=pred,
+            predicted_best=best,
+            best_single=single,
+            price=price_of.get(chosen),
+            best_single_price=price_of.get(single),
+            excluded=excluded,
+            policy=policy,
+        )
+
+    # persistence
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted router to ``path`` (pickle; load only trusted files)."""
+        payload = {"format": _FORMAT, "version": _FORMAT_VERSION, "sklearn": sklearn.__version__,
+                   "router": self}
+        Path(path).write_bytes(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_router(path: str | Path) -> Router:
+    """Load a router written by :meth:`Router.save`.
+
+    Uses pickle: **only load files you trust**, such as ones you fitted yourself; a
+    crafted file runs arbitrary code when loaded.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise RoutingError(f"{p}: cannot read: {e.strerror or e}") from None
+    try:
+        payload = pickle.load(io.BytesIO(data))
+    except Exception as e:  # unpickling can fail in many ways on a foreign file
+        raise RoutingError(f"{p}: not a router file ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise RoutingError(f"{p}: not a router file")
+    if payload.get("version") != _FORMAT_VERSION:
+        raise RoutingError(f"{p}: router format version {payload.get('version')}, expected {_FORMAT_VERSION}: refit it")
+    router = payload.get("router")
+    if not isinstance(router, Router):
+        raise RoutingError(f"{p}: not a router file")
+    return router
+
+
+def fit_router(table: str | Path | Sequence[ScoreRow], prices: str | Path | Mapping[str, ModelPrice | float] | None = None,
+               config: RouterConfig | None = None) -> Router:
+    """Fit a router from a score-table file (or rows) and an optional prices file (or map)."""
+    rows = load_table(table) if isinstance(table, (str, Path)) else table
+    price_map = load_prices(prices) if isinstance(prices, (str, Path)) else prices
+    return Router.fit(rows, price_map, config)
