@@ -43,7 +43,7 @@ async def _two_requests(entry, model_id: str):
     """One greedy completion and one sampled chat request, then wait for their checks."""
     out = [await collect(entry.backend, completion_spec(model_id, PROMPT, 24))]
     out.append(await collect(entry.backend, chat_spec(model_id, "Tell me about the sea.", 24, temperature=0.8, top_p=0.95)))
-    assert await entry.verify.verifier.wait_idle(60)
+    assert await entry.verifier.wait_idle(60)
     return out
 
 
@@ -58,9 +58,9 @@ async def test_output_cheats_are_caught_withheld_and_demoted(tmp_path, smollm2_p
         assert entry.backend.models()[0].sha256 == inspect_model(smollm2_path).sha256  # it claims SmolLM2
         await _two_requests(entry, model_id)
 
-        verdicts = [v for v in entry.verify.verifier.verdicts if v.peer_id == node.peer_id]
+        verdicts = [v for v in entry.verifier.verdicts if v.peer_id == node.peer_id]
         assert len(verdicts) == 2 and not any(v.passed for v in verdicts), verdicts
-        totals = entry.credits.ledger.node_totals(node.peer_id)
+        totals = entry.ledger.node_totals(node.peer_id)
         assert totals["held"].credits == 0 and totals["vested"].credits == 0
         assert totals["withheld"].requests == 2
         st = entry.state(node)
@@ -73,28 +73,28 @@ async def test_output_cheats_are_caught_withheld_and_demoted(tmp_path, smollm2_p
 async def test_truncation_claiming_full_length_is_caught_without_the_model(tmp_path, smollm2_path):
     model_id = smollm2_path.name.removesuffix(".gguf")
     async with verifying_entry(tmp_path, smollm2_path, rate=0.0) as entry:  # structural check only
-        entry.verify.verifier.config.new_rate = entry.verify.verifier.config.suspicious_rate = 0.0
+        entry.verifier.config.new_rate = entry.verifier.config.suspicious_rate = 0.0
         node = await entry.add_cheater("cheat", "truncate", smollm2_path)
         await wait_for(lambda: routable(entry.backend, node), 30, "cheater routable")
         ids, _, done = await collect(entry.backend, completion_spec(model_id, PROMPT, 40))
         assert len(ids) == 3 and done.finish_reason == "length"
-        await entry.verify.verifier.wait_idle(30)
-        [v] = [v for v in entry.verify.verifier.verdicts if v.peer_id == node.peer_id]
+        await entry.verifier.wait_idle(30)
+        [v] = [v for v in entry.verifier.verdicts if v.peer_id == node.peer_id]
         assert not v.passed and v.reason == "truncated" and not v.rescored
-        assert entry.credits.ledger.node_totals(node.peer_id)["withheld"].tokens == 3
+        assert entry.ledger.node_totals(node.peer_id)["withheld"].tokens == 3
 
 
 @pytest.mark.parametrize("cheat", ["inflate", "forge", "replay"])
 async def test_receipt_cheats_book_nothing(tmp_path, smollm2_path, cheat):
     model_id = smollm2_path.name.removesuffix(".gguf")
     async with verifying_entry(tmp_path, smollm2_path, rate=0.0) as entry:
-        entry.verify.verifier.config.new_rate = 0.0
+        entry.verifier.config.new_rate = 0.0
         node = await entry.add_cheater("cheat", cheat, smollm2_path)
         await wait_for(lambda: routable(entry.backend, node), 30, "cheater routable")
         for i in range(2):
             await collect(entry.backend, completion_spec(model_id, f"{i}: {PROMPT}", 8))
         c = entry.backend.counters
-        rows = entry.credits.ledger.node_requests(node.peer_id)
+        rows = entry.ledger.node_requests(node.peer_id)
         if cheat == "replay":
             # Its first receipt was genuine and is booked once; the replayed copy books nothing.
             assert (c.receipts_accepted, c.receipts_rejected) == (1, 1) and len(rows) == 1
@@ -113,16 +113,16 @@ async def test_canary_probes_catch_a_cheater_without_any_user_traffic(tmp_path, 
     async with verifying_entry(tmp_path, smollm2_path, rate=0.0) as entry:
         node = await entry.add_cheater("cheat", "wrong-model", noised_smollm2, claim=smollm2_path)
         await wait_for(lambda: routable(entry.backend, node), 30, "cheater routable")
-        prober = CanaryProber(entry.backend, entry.verify.verifier, CanaryConfig(interval=0.3, max_tokens=(24,)), random.Random(3))
+        prober = CanaryProber(entry.backend, entry.verifier, CanaryConfig(interval=0.3, max_tokens=(24,)), random.Random(3))
         async with trio.open_nursery() as nursery:
             await nursery.start(prober.run)
             st = entry.state(node)
             await wait_for(lambda: st.model_sha256 in st.demoted, 90, "demotion by canaries")
             nursery.cancel_scope.cancel()
-        canaries = [v for v in entry.verify.verifier.verdicts if v.canary]
+        canaries = [v for v in entry.verifier.verdicts if v.canary]
         # A lightly noised model can agree with the real one on a short probe now and then;
         # what matters is that failing probes demote it (above) and are the majority.
         failed = [v for v in canaries if not v.passed]
         assert len(failed) >= 2 and len(failed) > len(canaries) / 2
-        withheld = {r["request_id"] for r in entry.credits.ledger.node_requests(node.peer_id) if r["state"] == "withheld"}
+        withheld = {r["request_id"] for r in entry.ledger.node_requests(node.peer_id) if r["state"] == "withheld"}
         assert withheld == {v.request_id for v in failed}

@@ -49,22 +49,22 @@ async def test_honest_nodes_with_1_and_2_threads_are_never_flagged(tmp_path, smo
             await collect(entry.backend, spec)
             # One llama.cpp at work at a time: a 2-thread node next to the verifier would
             # oversubscribe two cores.
-            assert await entry.verify.verifier.wait_idle(60)
+            assert await entry.verifier.wait_idle(60)
         # Canary probes (chat requests with their own shape) on both nodes too.
-        prober = CanaryProber(entry.backend, entry.verify.verifier, rng=rng)
+        prober = CanaryProber(entry.backend, entry.verifier, rng=rng)
         prober.config.max_tokens = (24,)
         for node in (n1, n2) * 2:
             _only(entry, node)
             assert await prober.probe(entry.state(node)) is not None
-            assert await entry.verify.verifier.wait_idle(60)
+            assert await entry.verifier.wait_idle(60)
 
-        verdicts = list(entry.verify.verifier.verdicts)
+        verdicts = list(entry.verifier.verdicts)
         assert len(verdicts) == 24
         bad = [v for v in verdicts if not v.passed]
         assert not bad, bad
         per_node = {n.peer_id: sum(v.peer_id == n.peer_id for v in verdicts) for n in (n1, n2)}
         assert min(per_node.values()) == 12
-        assert entry.credits.ledger.node_totals(n1.peer_id)["withheld"].requests == 0
+        assert entry.ledger.node_totals(n1.peer_id)["withheld"].requests == 0
         worst = max(v.max_deviation for v in verdicts)
         print(f"\n24 honest verifications, worst per-token deviation {worst:.3f} (soft limit {SOFT}, hard {HARD})")
         for n in (n1, n2):
@@ -88,15 +88,15 @@ async def test_failover_split_credits_and_verifies_each_node_for_its_own_tokens(
         ids, _, done = await collect(entry.backend, completion_spec(model_id, "1, 2, 3, 4, 5,", 40, temperature=0.7, seed=3),
                                      kill_after_8)
         assert done.failovers == 1 and len(ids) == 40
-        assert await entry.verify.verifier.wait_idle(60)
+        assert await entry.verifier.wait_idle(60)
         victim = killed["node"]
         survivor = next(n for n in nodes if n is not victim)
-        a, b = entry.credits.ledger.node_requests(victim.peer_id), entry.credits.ledger.node_requests(survivor.peer_id)
+        a, b = entry.ledger.node_requests(victim.peer_id), entry.ledger.node_requests(survivor.peer_id)
         assert len(a) == len(b) == 1 and a[0]["request_id"] == b[0]["request_id"]
         assert a[0]["source"] == "relayed" and b[0]["source"] == "receipt"
         assert a[0]["tokens"] + b[0]["tokens"] == 40 and a[0]["tokens"] >= 8
         assert a[0]["verify"] == b[0]["verify"] == "passed"
-        assert {v.peer_id for v in entry.verify.verifier.verdicts if v.passed} == {victim.peer_id, survivor.peer_id}
+        assert {v.peer_id for v in entry.verifier.verdicts if v.passed} == {victim.peer_id, survivor.peer_id}
 
 
 async def test_a_demoted_honest_node_is_reinstated_by_canary_probes(tmp_path, smollm2_path):
@@ -108,11 +108,11 @@ async def test_a_demoted_honest_node_is_reinstated_by_canary_probes(tmp_path, sm
             entry.backend.view.record_verdict(node.peer_id, st.model_sha256, False, "test")
         st.cooldown_until = 0.0
         assert st.model_sha256 in st.demoted and not st.routable(time.monotonic())
-        prober = CanaryProber(entry.backend, entry.verify.verifier, rng=random.Random(1))
+        prober = CanaryProber(entry.backend, entry.verifier, rng=random.Random(1))
         prober.config.max_tokens = (16,)
         assert prober.pick() is st  # demoted nodes are still probed
         for _ in range(REINSTATE_AFTER):
             st.cooldown_until = 0.0
             await prober.probe(st)
-            assert await entry.verify.verifier.wait_idle(60)
+            assert await entry.verifier.wait_idle(60)
         assert st.model_sha256 not in st.demoted and st.routable(time.monotonic())
