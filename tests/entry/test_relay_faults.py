@@ -61,6 +61,7 @@ async def test_failure_mid_stream_continues_on_another_node(model, mode):
         good = add_node(host, view, make_service(model))
         bad.reputation, good.reputation = 0.9, 0.5  # the faulty one is picked first
 
+        started = time.monotonic()
         ids, _, done = await collect(backend, completion_spec("tiny", PROMPT, N))
         assert ids == expected
         assert done.failovers == 1 and done.completion_tokens == N and done.finish_reason == "length"
@@ -68,7 +69,9 @@ async def test_failure_mid_stream_continues_on_another_node(model, mode):
         first = N if mode == "extra" else 5
         assert [p.completion_tokens for p in done.served_by] == [first, N - first]
         assert host.opened == [bad.peer_id, good.peer_id]
-        assert bad.total_failures == 1 and bad.reputation < 0.9 and not bad.routable(time.monotonic())
+        # Out of routing for a cooldown that began at the failure (checked by its end, not by
+        # the clock now: on a loaded machine a short cooldown may be over by this line).
+        assert bad.total_failures == 1 and bad.reputation < 0.9 and bad.cooldown_until > started
         [receipt] = backend.receipts
         assert (receipt.peer_id, receipt.completion_tokens) == (good.peer_id, N - first)
 

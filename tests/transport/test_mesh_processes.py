@@ -20,7 +20,7 @@ from transport.host import open_mesh_host
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-PEER_SCRIPT = REPO / "tests" / "p2p_peer.py"
+PEER_SCRIPT = REPO / "tests" / "support" / "p2p_peer.py"
 TEST_PROTOCOL = "/mesh/test-echo/1"
 MODEL = "5e" * 32
 ADVERT_TTL = 4.0  # short so a killed provider's advert expires quickly
