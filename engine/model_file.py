@@ -21,6 +21,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _HASH_CACHE_FILE = "sha256-cache.json"
 _HASH_CACHE_MAX = 64  # entries; a node rarely sees more than a handful of model files
@@ -66,7 +67,7 @@ def inspect_model(path: str | os.PathLike, cache_dir: str | os.PathLike | None =
     return ModelInfo(path=p, sha256=sha, size_bytes=st.st_size, **meta)
 
 
-def _read_metadata(p: Path, size: int) -> dict:
+def _read_metadata(p: Path, size: int) -> dict[str, Any]:
     try:
         import gguf
     except ImportError:  # pragma: no cover - a dependency of the project
@@ -189,7 +190,7 @@ class _Header:
         return count
 
 
-def _describe(h: _Header, p: Path, size: int, gguf) -> dict:
+def _describe(h: _Header, p: Path, size: int, gguf) -> dict[str, Any]:
     kv = h.kv
     if not h.tensors:
         raise ModelFileError(f"{p} is a GGUF file without tensors (not a model)")
@@ -264,7 +265,7 @@ def _hash_file(p: Path) -> str:
     return h.hexdigest()
 
 
-def _load_cache(cache_path: Path) -> dict:
+def _load_cache(cache_path: Path) -> dict[str, Any]:
     try:
         data = json.loads(cache_path.read_text())
         return data if isinstance(data, dict) else {}
@@ -272,7 +273,7 @@ def _load_cache(cache_path: Path) -> dict:
         return {}  # a missing or damaged cache only costs a re-hash
 
 
-def _store_cache(cache_path: Path, cache: dict) -> None:
+def _store_cache(cache_path: Path, cache: dict[str, Any]) -> None:
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: two nodes starting together must never leave half a file.
