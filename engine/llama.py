@@ -20,14 +20,19 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import Field, dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 import numpy as np
 
 from engine.model_file import ModelFileError, ModelInfo, inspect_model
-from engine.sampling import TokenSampler, logprob_report
+from engine.sampling import SamplingSettings, TokenSampler, logprob_report
 from engine.textstream import TextStream
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 # Used when a model has no chat template; the stop keeps the model from writing the
 # user's next turn itself.
@@ -37,6 +42,45 @@ _BENCH_TEXT = (
     "The mesh routes each request to a volunteer node that runs the model locally and streams "
     "the generated tokens back, one frame at a time, while the entry keeps track of credits. "
 )
+
+
+class GenerationSettings(SamplingSettings, Protocol):
+    """A request's sampling parameters plus where generation ends (SamplingParams fits). A
+    dataclass: run() makes a copy with other stop strings."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    @property
+    def stop(self) -> list[str]: ...
+    @property
+    def max_tokens(self) -> int: ...
+
+
+class ChatTurn(Protocol):
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+
+
+class EngineRequest(Protocol):
+    """What an engine reads of a request: protocol.messages.InferRequest fits (engine/
+    imports nothing of ours, so it names the shape, not the class)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def messages(self) -> Sequence[ChatTurn]: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def continuation(self) -> list[int]: ...
+    @property
+    def params(self) -> GenerationSettings: ...
+    @property
+    def logprobs(self) -> bool: ...
+    @property
+    def top_logprobs(self) -> int: ...
 
 
 class BadRequest(ValueError):
@@ -68,13 +112,13 @@ class Step:
 class Engine:
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model_path: str | os.PathLike[str],
         *,
         n_ctx: int = 2048,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         n_batch: int = 512,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         import llama_cpp  # deferred: ~0.15 s of import that `mesh --help` need not pay
 
@@ -88,7 +132,7 @@ class Engine:
         self.gpu_offload: bool = bool(llama_cpp.llama_supports_gpu_offload())
         t0 = time.perf_counter()
         try:
-            self._llm = llama_cpp.Llama(
+            self._llm: Llama | None = llama_cpp.Llama(
                 model_path=str(self.info.path),
                 n_ctx=n_ctx,
                 n_batch=n_batch,
@@ -103,6 +147,7 @@ class Engine:
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ModelFileError(f"llama.cpp cannot load {self.info.path}: {msg}") from None
         self.load_seconds = time.perf_counter() - t0
+        assert self._llm is not None  # the ctor either returned one or raised
         self.n_ctx: int = self._llm.n_ctx()
         self.n_vocab: int = self._llm.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
@@ -118,7 +163,7 @@ class Engine:
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         # Tokenising reads only the vocabulary, so it needs no lock (llama.cpp's server
         # does the same from its HTTP threads).
-        ids = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        ids = self._open().tokenize(text.encode("utf-8"), add_bos=False, special=special)
         if add_bos and self._add_bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
@@ -145,18 +190,23 @@ class Engine:
             buf = (ctypes.c_char * size)()
             n = self._lc.llama_token_to_piece(self._vocab, token, buf, size, 0, False)
             if n >= 0:
-                return bytes(buf[:n])
+                return buf.raw[:n]
             size = -n
 
     # --- prompts -------------------------------------------------------------------------
 
-    def _make_formatter(self):
+    def _open(self) -> Llama:
+        if self._llm is None:
+            raise RuntimeError("engine is closed")
+        return self._llm
+
+    def _make_formatter(self) -> Jinja2ChatFormatter | None:
         template = self.info.chat_template
         if template is None:
             return None
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        llm = self._llm
+        llm = self._open()
 
         def text_of(tok: int) -> str:
             return llm._model.token_get_text(tok) if tok >= 0 else ""
@@ -176,7 +226,7 @@ class Engine:
     def has_chat_template(self) -> bool:
         return self._formatter is not None
 
-    def render_chat(self, messages: Sequence) -> str:
+    def render_chat(self, messages: Sequence[ChatTurn | dict[str, str]]) -> str:
         """Chat messages (dicts or objects with role/content) -> prompt text.
 
         Without a usable template in the model, a plain format is used:
@@ -188,12 +238,14 @@ class Engine:
             turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in msgs)
             return turns + "Assistant:"
         try:
-            return self._formatter(messages=msgs).prompt
+            # The role/content dicts are the messages it takes; its TypedDict union cannot be
+            # inferred from dict[str, str].
+            return self._formatter(messages=msgs).prompt  # type: ignore[arg-type]
         except Exception as e:  # jinja errors and the template's own raise_exception()
             line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise BadRequest(f"the model's chat template rejected the messages: {line}") from None
 
-    def prompt_tokens(self, request) -> list[int]:
+    def prompt_tokens(self, request: EngineRequest) -> list[int]:
         """InferRequest -> prompt token ids (continuation not included).
 
         chat: the model's chat template with the generation prompt, special tokens parsed;
@@ -212,7 +264,7 @@ class Engine:
         self._check_fits(len(ids), len(request.continuation))
         return ids
 
-    def request_stops(self, request) -> list[str]:
+    def request_stops(self, request: EngineRequest) -> list[str]:
         """The stop strings a request runs with: its own plus the fallback chat stop."""
         stops = list(request.params.stop)
         if request.kind == "chat" and self._formatter is None:
@@ -228,7 +280,7 @@ class Engine:
 
     # --- generation ----------------------------------------------------------------------
 
-    def run(self, request, *, cancel: threading.Event | None = None) -> Generation:
+    def run(self, request: EngineRequest, *, cancel: threading.Event | None = None) -> Generation:
         """prompt_tokens + generate for an InferRequest."""
         return self.generate(
             self.prompt_tokens(request),
@@ -242,7 +294,7 @@ class Engine:
     def generate(
         self,
         prompt_tokens: Sequence[int],
-        params,
+        params: GenerationSettings,
         *,
         continuation: Sequence[int] = (),
         logprobs: bool = False,
@@ -259,7 +311,7 @@ class Engine:
 
     def _logits(self) -> np.ndarray:
         # A view into llama.cpp's buffer: valid only until the next decode.
-        ptr = self._lc.llama_get_logits_ith(self._llm.ctx, -1)
+        ptr = self._lc.llama_get_logits_ith(self._open().ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     # --- self-benchmark ----------------------------------------------------------------
@@ -285,7 +337,7 @@ class Engine:
         n_prompt = max(8, min(n_prompt, self.n_ctx - n_decode - 2))
         prompt = (base * (n_prompt // max(len(base), 1) + 1))[:n_prompt]
         with self._lock:
-            llm = self._llm
+            llm = self._open()
             report(0.0, "warming up")
             llm.reset()
             llm.eval(prompt[:8])
@@ -371,7 +423,7 @@ class StepIterator:
     seed: int | None
     finish_reason: str | None = None
     completion_tokens: int = 0
-    _gen: Iterator[Step]
+    _gen: Generator[Step, None, None]
 
     def __iter__(self) -> Iterator[Step]:
         return self
@@ -382,10 +434,10 @@ class StepIterator:
     def close(self) -> None:
         self._gen.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -396,7 +448,8 @@ class Generation(StepIterator):
     `finish_reason` and `completion_tokens` (tokens this call produced, continuation
     excluded) are set once it ends."""
 
-    def __init__(self, engine: Engine, prompt, params, continuation, logprobs, top_logprobs, cancel) -> None:
+    def __init__(self, engine: Engine, prompt: list[int], params: GenerationSettings, continuation: list[int],
+                 logprobs: bool, top_logprobs: int, cancel: threading.Event | None) -> None:
         engine._check_fits(len(prompt), len(continuation))
         bad = [t for t in prompt + continuation if not 0 <= t < engine.n_vocab]
         if bad:
@@ -406,7 +459,8 @@ class Generation(StepIterator):
         self.seed = self.sampler.seed
         self._gen = self._run(engine, prompt, params, continuation, logprobs, top_logprobs, cancel)
 
-    def _run(self, eng: Engine, prompt, params, continuation, logprobs, top_k, cancel) -> Iterator[Step]:
+    def _run(self, eng: Engine, prompt: list[int], params: GenerationSettings, continuation: list[int],
+             logprobs: bool, top_k: int, cancel: threading.Event | None) -> Generator[Step, None, None]:
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
         stream = TextStream(params.stop)
         sampler = self.sampler

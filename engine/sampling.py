@@ -34,12 +34,37 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 # Selection works on block maxima first: np.partition over a 49k vocabulary costs ~0.4 ms,
 # far over the per-token budget, while a max over 768 groups + a threshold scan costs ~50 us.
 _BLOCK = 64
+
+
+class SamplingSettings(Protocol):
+    """What the sampler reads of a request's parameters: protocol.messages.SamplingParams
+    fits (engine/ imports nothing of ours, so it names the shape, not the class)."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def repeat_penalty(self) -> float: ...
+    @property
+    def repeat_last_n(self) -> int: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
 
 
 def _top_set(v: np.ndarray, k: int) -> np.ndarray:
@@ -61,7 +86,8 @@ def _top_set(v: np.ndarray, k: int) -> np.ndarray:
         cand = np.arange(n)
     vals = v[cand]
     kth = np.partition(vals, vals.shape[0] - k)[vals.shape[0] - k]
-    return cand[vals >= kth]
+    top: np.ndarray = cand[vals >= kth]
+    return top
 
 
 def log_softmax_at(logits: np.ndarray, token: int) -> float:
@@ -99,7 +125,7 @@ def _logsumexp(logits: np.ndarray) -> float:
 class TokenSampler:
     """Picks tokens for one request. Create one per request: it owns the RNG stream."""
 
-    def __init__(self, params, *, seed: int | None = None) -> None:
+    def __init__(self, params: SamplingSettings, *, seed: int | None = None) -> None:
         self.params = params
         self.greedy = params.temperature == 0.0
         s = params.seed if seed is None else seed
@@ -120,6 +146,7 @@ class TokenSampler:
         p = self.params
         ids, probs = kept_set(scaled(logits, p, history), p)
         cum = np.cumsum(probs)
+        assert self._rng is not None  # set whenever not greedy
         u = self._rng.random() * cum[-1]
         # u < total, so j is in range; the clamp only covers rounding at the very end.
         j = min(int(np.searchsorted(cum, u, side="right")), cum.shape[0] - 1)
@@ -129,7 +156,7 @@ class TokenSampler:
 # Steps 1-5, shared with the verifier (entry/verify/stats.py), which must cut exactly where
 # the sampler cuts.
 
-def scaled(logits: np.ndarray, params, history: Sequence[int] = ()) -> np.ndarray:
+def scaled(logits: np.ndarray, params: SamplingSettings, history: Sequence[int] = ()) -> np.ndarray:
     """Steps 1-2: the penalised logits divided by the temperature (float64, `logits` not
     modified), with a finite maximum and no NaN, so that the cuts after it always keep at
     least the most likely token."""
@@ -162,7 +189,7 @@ def _finite_top(x: np.ndarray) -> tuple[np.ndarray, float]:
     return x, float(x.max())
 
 
-def penalized(logits: np.ndarray, params, history: Sequence[int]) -> np.ndarray:
+def penalized(logits: np.ndarray, params: SamplingSettings, history: Sequence[int]) -> np.ndarray:
     """A float64 copy of the raw logits after the repeat/frequency/presence penalties
     (step 1; `logits` is not modified)."""
     p = params
@@ -183,7 +210,7 @@ def penalized(logits: np.ndarray, params, history: Sequence[int]) -> np.ndarray:
     return x
 
 
-def kept_set(x: np.ndarray, params) -> tuple[np.ndarray | None, np.ndarray]:
+def kept_set(x: np.ndarray, params: SamplingSettings) -> tuple[np.ndarray | None, np.ndarray]:
     """(ascending ids, unnormalised probs) left after top_k, top_p and min_p (steps 3-5)
     for scaled logits x (from `scaled`: finite max, no NaN); ids None means the whole
     vocabulary, in order. Never empty: the most likely token always stays."""
@@ -224,5 +251,6 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
         cum = np.cumsum(top)
         if cum[-1] >= target or cand.shape[0] == n:
             threshold = top[min(int(np.searchsorted(cum, target, side="left")), top.shape[0] - 1)]
-            return cand[probs[cand] >= threshold]
+            kept: np.ndarray = cand[probs[cand] >= threshold]
+            return kept
     raise AssertionError("unreachable")

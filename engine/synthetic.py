@@ -27,11 +27,20 @@ import hashlib
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from engine.llama import FALLBACK_CHAT_STOP, BadRequest, RequestTooLong, Step, StepIterator
+from engine.llama import (
+    FALLBACK_CHAT_STOP,
+    BadRequest,
+    ChatTurn,
+    EngineRequest,
+    GenerationSettings,
+    RequestTooLong,
+    Step,
+    StepIterator,
+)
 from engine.model_file import ModelInfo
 from engine.textstream import TextStream
 
@@ -95,11 +104,11 @@ class SyntheticEngine:
     def has_chat_template(self) -> bool:
         return False
 
-    def render_chat(self, messages: Sequence) -> str:
+    def render_chat(self, messages: Sequence[ChatTurn | dict[str, str]]) -> str:
         msgs = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
         return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in msgs) + "Assistant:"
 
-    def prompt_text(self, request) -> str:
+    def prompt_text(self, request: EngineRequest) -> str:
         if request.kind == "chat":
             return self.render_chat(request.messages)
         if request.kind == "completion":
@@ -113,7 +122,7 @@ class SyntheticEngine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return "".join(token_text(t) for t in tokens)
 
-    def request_stops(self, request) -> list[str]:
+    def request_stops(self, request: EngineRequest) -> list[str]:
         stops = list(request.params.stop)
         if request.kind == "chat":
             stops.append(FALLBACK_CHAT_STOP)
@@ -121,7 +130,7 @@ class SyntheticEngine:
 
     # --- generation ----------------------------------------------------------------------------
 
-    def run(self, request, *, cancel: threading.Event | None = None) -> SyntheticGeneration:
+    def run(self, request: EngineRequest, *, cancel: threading.Event | None = None) -> SyntheticGeneration:
         text = self.prompt_text(request)
         n_prompt = self.tokenize(text)
         n_cont = len(request.continuation)
@@ -146,7 +155,7 @@ class SyntheticEngine:
         digest = hashlib.blake2b(struct.pack(">Q", position), key=key, digest_size=8).digest()
         return int.from_bytes(digest, "big") % self.n_vocab
 
-    def measure_speed(self, progress=None, **_ignored) -> tuple[float, float]:
+    def measure_speed(self, progress: Callable[[float, str], None] | None = None, **_ignored: object) -> tuple[float, float]:
         if progress is not None:
             progress(1.0, f"synthetic engine: decode {self.rate:.0f} tok/s")
         return (self.prefill_tps or 1e6), self.rate
@@ -160,13 +169,14 @@ class SyntheticGeneration(StepIterator):
     """Iterator[Step] with Generation's attributes: prompt_tokens, seed, finish_reason,
     completion_tokens. A context manager; close() ends it early."""
 
-    def __init__(self, engine: SyntheticEngine, key: bytes, n_prompt: int, params, continuation: list[int],
+    def __init__(self, engine: SyntheticEngine, key: bytes, n_prompt: int, params: GenerationSettings, continuation: list[int],
                  logprobs: bool, top_logprobs: int, seed: int | None, cancel: threading.Event | None):
         self.prompt_tokens = n_prompt
         self.seed = seed
         self._gen = self._run(engine, key, n_prompt, params, continuation, logprobs, top_logprobs, cancel)
 
-    def _run(self, eng: SyntheticEngine, key, n_prompt, params, continuation, logprobs, top_k, cancel) -> Iterator[Step]:
+    def _run(self, eng: SyntheticEngine, key: bytes, n_prompt: int, params: GenerationSettings, continuation: list[int],
+             logprobs: bool, top_k: int, cancel: threading.Event | None) -> Generator[Step, None, None]:
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
 
         def wait(seconds: float) -> bool:

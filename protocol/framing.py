@@ -88,14 +88,14 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise MalformedFrame(f"msgpack extension type {code} is not allowed")
 
 
-def encode_frame(message: dict, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
+def encode_frame(message: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     if len(body) > max_frame:
         raise FrameTooLarge(f"frame of {len(body)} bytes exceeds the {max_frame}-byte limit")
     return _HEADER.pack(len(body)) + body
 
 
-def decode_body(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> dict:
+def decode_body(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any]:
     if len(body) > max_frame:
         raise FrameTooLarge(f"frame of {len(body)} bytes exceeds the {max_frame}-byte limit")
     try:
@@ -182,10 +182,11 @@ class FrameReader:
         whole frame is buffered. Lets a relay merge frames that arrived together."""
         if len(self._buf) < HEADER_SIZE:
             return False
+        length: int
         (length,) = _HEADER.unpack_from(self._buf)
         return length > self.max_frame or len(self._buf) >= HEADER_SIZE + length
 
-    async def read_frame(self) -> dict | None:
+    async def read_frame(self) -> dict[str, Any] | None:
         """Next message, or None at a clean end of stream between frames."""
         if not await self._fill(HEADER_SIZE):
             if self._buf:
@@ -209,9 +210,9 @@ class FrameWriter:
         self._write: Callable[[bytes], Awaitable[None]] = stream.write
         self.max_frame = max_frame
 
-    async def write_frame(self, message: dict) -> None:
+    async def write_frame(self, message: dict[str, Any]) -> None:
         await self._write(encode_frame(message, self.max_frame))
 
-    async def write_frames(self, messages: list[dict]) -> None:
+    async def write_frames(self, messages: list[dict[str, Any]]) -> None:
         if messages:
             await self._write(b"".join(encode_frame(m, self.max_frame) for m in messages))

@@ -11,11 +11,15 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nacl.exceptions
 import nacl.signing
 
 from protocol.errors import IdentityError
+
+if TYPE_CHECKING:
+    from libp2p.crypto.keys import KeyPair
 
 _HEADER = "mesh-ed25519-seed-v1"
 
@@ -46,13 +50,13 @@ class Identity:
     def sign(self, message: bytes) -> bytes:
         return self.signing_key.sign(message).signature
 
-    def libp2p_keypair(self):
+    def libp2p_keypair(self) -> KeyPair:
         from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
         from libp2p.crypto.keys import KeyPair
 
         return KeyPair(Ed25519PrivateKey(self.signing_key), Ed25519PublicKey(self.signing_key.verify_key))
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Create with 0600 from the start: a chmod after writing leaves a window where the
@@ -63,7 +67,7 @@ class Identity:
         os.chmod(path, 0o600)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Identity:
+    def load(cls, path: str | os.PathLike[str]) -> Identity:
         path = Path(path)
         try:
             st = path.stat()
@@ -85,7 +89,7 @@ class Identity:
         return cls.from_seed(seed)
 
     @classmethod
-    def load_or_create(cls, path: str | os.PathLike) -> Identity:
+    def load_or_create(cls, path: str | os.PathLike[str]) -> Identity:
         if Path(path).exists():
             return cls.load(path)
         ident = cls.generate()

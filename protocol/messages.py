@@ -12,7 +12,8 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from types import EllipsisType
+from typing import Any, TypeVar
 
 from protocol import PROTOCOL_VERSION
 from protocol.errors import InvalidMessage, UnsupportedVersion
@@ -43,43 +44,51 @@ def _check(cond: bool, what: str) -> None:
         raise InvalidMessage(what)
 
 
-def _int(d: dict, key: str, lo: int, hi: int, default: Any = ...) -> int:
+# A field's default when absent: the result is the field's type or the default's (often None);
+# no default (`...`) means the field is required.
+D = TypeVar("D")
+
+
+def _default(default: D | EllipsisType, key: str) -> D:
+    if isinstance(default, EllipsisType):
+        raise InvalidMessage(f"missing field {key!r}")
+    return default
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int, default: D | EllipsisType = ...) -> int | D:
     if key not in d or d[key] is None:
-        _check(default is not ..., f"missing field {key!r}")
-        return default
-    v = d[key]
+        return _default(default, key)
+    v: int = d[key]
     _check(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"{key!r} must be an integer in [{lo}, {hi}]")
     return v
 
 
-def _float(d: dict, key: str, lo: float, hi: float, default: Any = ...) -> float:
+def _float(d: dict[str, Any], key: str, lo: float, hi: float, default: D | EllipsisType = ...) -> float | D:
     if key not in d or d[key] is None:
-        _check(default is not ..., f"missing field {key!r}")
-        return default
-    v = d[key]
+        return _default(default, key)
+    v: float = d[key]
     _check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{key!r} must be a number")
     v = float(v)
     _check(math.isfinite(v) and lo <= v <= hi, f"{key!r} must be in [{lo}, {hi}]")
     return v
 
 
-def _str(d: dict, key: str, max_len: int, default: Any = ...) -> str:
+def _str(d: dict[str, Any], key: str, max_len: int, default: D | EllipsisType = ...) -> str | D:
     if key not in d or d[key] is None:
-        _check(default is not ..., f"missing field {key!r}")
-        return default
-    v = d[key]
+        return _default(default, key)
+    v: str = d[key]
     _check(isinstance(v, str) and len(v) <= max_len, f"{key!r} must be a string of at most {max_len} characters")
     return v
 
 
-def _bool(d: dict, key: str, default: bool = False) -> bool:
-    v = d.get(key, default)
+def _bool(d: dict[str, Any], key: str, default: bool = False) -> bool:
+    v: bool = d.get(key, default)
     _check(isinstance(v, bool), f"{key!r} must be a boolean")
     return v
 
 
-def _int_list(d: dict, key: str, max_len: int) -> list[int]:
-    v = d.get(key) or []
+def _int_list(d: dict[str, Any], key: str, max_len: int) -> list[int]:
+    v: list[int] = d.get(key) or []
     _check(isinstance(v, list) and len(v) <= max_len, f"{key!r} must be a list of at most {max_len} items")
     _check(all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31 for x in v), f"{key!r} must hold token ids")
     return v
@@ -121,7 +130,7 @@ class SamplingParams:
             max_tokens=_int(d, "max_tokens", 1, MAX_TOKENS_LIMIT, 256),
         )
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
@@ -152,7 +161,7 @@ class InferRequest:
     T = "req"
 
     @classmethod
-    def from_wire(cls, d: dict) -> InferRequest:
+    def from_wire(cls, d: dict[str, Any]) -> InferRequest:
         rid = _str(d, "id", 64)
         _check(bool(_REQUEST_ID.match(rid)), "'id' must be 8-64 characters of [A-Za-z0-9_-]")
         model = _str(d, "model", 64)
@@ -163,7 +172,8 @@ class InferRequest:
         prompt = ""
         if kind == "chat":
             raw = d.get("messages")
-            _check(isinstance(raw, list) and 0 < len(raw) <= MAX_MESSAGES, f"'messages' must be a list of 1-{MAX_MESSAGES} messages")
+            if not (isinstance(raw, list) and 0 < len(raw) <= MAX_MESSAGES):
+                raise InvalidMessage(f"'messages' must be a list of 1-{MAX_MESSAGES} messages")
             total = 0
             for m in raw:
                 _check(isinstance(m, dict), "each message must be a map")
@@ -187,7 +197,7 @@ class InferRequest:
             top_logprobs=_int(d, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0),
         )
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "id": self.request_id,
             "model": self.model_sha256,
@@ -213,11 +223,11 @@ class TokenChunk:
     ids: list[int]
     text: str
     logprobs: list[float] | None = None
-    top_logprobs: list[list[list]] | None = None  # per token: [[id, logprob], ...]
+    top_logprobs: list[list[list[float]]] | None = None  # per token: [[id, logprob], ...]
     T = "tok"
 
     @classmethod
-    def from_wire(cls, d: dict) -> TokenChunk:
+    def from_wire(cls, d: dict[str, Any]) -> TokenChunk:
         ids = _int_list(d, "ids", 4096)
         lp = d.get("lp")
         if lp is not None:
@@ -232,7 +242,7 @@ class TokenChunk:
                     _check(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and isinstance(pair[1], (int, float)), "bad 'top' pair")
         return cls(_str(d, "id", 64), ids, _str(d, "text", MAX_TEXT, ""), lp, top)
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.request_id, "ids": self.ids, "text": self.text}
         if self.logprobs is not None:
             d["lp"] = self.logprobs
@@ -258,11 +268,12 @@ class Final:
     T = "fin"
 
     @classmethod
-    def from_wire(cls, d: dict) -> Final:
+    def from_wire(cls, d: dict[str, Any]) -> Final:
         fr = _str(d, "finish", 16)
         _check(fr in FINISH_REASONS, f"'finish' must be one of {FINISH_REASONS}")
         receipt = d.get("receipt")
-        _check(isinstance(receipt, bytes) and len(receipt) <= 4096, "'receipt' must be bytes")
+        if not (isinstance(receipt, bytes) and len(receipt) <= 4096):
+            raise InvalidMessage("'receipt' must be bytes")
         return cls(
             _str(d, "id", 64),
             fr,
@@ -272,8 +283,8 @@ class Final:
             _int(d, "seed", 0, 2**63 - 1, None),
         )
 
-    def to_wire(self) -> dict:
-        d = {
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
             "id": self.request_id,
             "finish": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
@@ -294,7 +305,7 @@ class Error:
     T = "err"
 
     @classmethod
-    def from_wire(cls, d: dict) -> Error:
+    def from_wire(cls, d: dict[str, Any]) -> Error:
         return cls(
             _str(d, "code", 64),
             _str(d, "message", 4096),
@@ -302,7 +313,7 @@ class Error:
             _float(d, "retry_after", 0.0, 86400.0, None),
         )
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.request_id is not None:
             d["id"] = self.request_id
@@ -317,10 +328,10 @@ class Cancel:
     T = "cancel"
 
     @classmethod
-    def from_wire(cls, d: dict) -> Cancel:
+    def from_wire(cls, d: dict[str, Any]) -> Cancel:
         return cls(_str(d, "id", 64))
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return {"id": self.request_id}
 
 
@@ -332,10 +343,10 @@ class Leaving:
     T = "leaving"
 
     @classmethod
-    def from_wire(cls, d: dict) -> Leaving:
+    def from_wire(cls, d: dict[str, Any]) -> Leaving:
         return cls(_float(d, "grace", 0.0, 86400.0))
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return {"grace": self.grace_seconds}
 
 
@@ -344,10 +355,10 @@ class StatusQuery:
     T = "status?"
 
     @classmethod
-    def from_wire(cls, d: dict) -> StatusQuery:
+    def from_wire(cls, d: dict[str, Any]) -> StatusQuery:
         return cls()
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return {}
 
 
@@ -367,7 +378,7 @@ class StatusReply:
     T = "status"
 
     @classmethod
-    def from_wire(cls, d: dict) -> StatusReply:
+    def from_wire(cls, d: dict[str, Any]) -> StatusReply:
         return cls(
             _str(d, "model", 64),
             _str(d, "name", 256),
@@ -382,7 +393,7 @@ class StatusReply:
             _int(d, "ctx", 0, 1 << 24, 0),
         )
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return {
             "model": self.model_sha256,
             "name": self.model_name,
@@ -402,7 +413,7 @@ MESSAGE_TYPES = {cls.T: cls for cls in (InferRequest, TokenChunk, Final, Error, 
 Message = InferRequest | TokenChunk | Final | Error | Cancel | Leaving | StatusQuery | StatusReply
 
 
-def parse_message(frame: dict) -> Message:
+def parse_message(frame: dict[str, Any]) -> Message:
     """A decoded frame -> a validated message. Raises InvalidMessage / UnsupportedVersion."""
     v = frame.get("v")
     if v != PROTOCOL_VERSION:
@@ -419,7 +430,7 @@ def parse_message(frame: dict) -> Message:
         raise InvalidMessage(f"invalid {t} message: {type(e).__name__}") from None
 
 
-def to_wire(message: Message) -> dict:
+def to_wire(message: Message) -> dict[str, Any]:
     d = message.to_wire()
     d["t"] = message.T
     d["v"] = PROTOCOL_VERSION

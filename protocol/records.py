@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,13 +31,14 @@ def _signed_message(kind: str, body: bytes) -> bytes:
     return _DOMAIN + kind.encode() + b"\x00" + body
 
 
-def _seal(kind: str, fields: dict, identity: Identity) -> bytes:
-    body = msgpack.packb(fields, use_bin_type=True)
+def _seal(kind: str, fields: dict[str, Any], identity: Identity) -> bytes:
+    body: bytes = msgpack.packb(fields, use_bin_type=True)
     sig = identity.sign(_signed_message(kind, body))
-    return msgpack.packb({"kind": kind, "body": body, "sig": sig}, use_bin_type=True)
+    blob: bytes = msgpack.packb({"kind": kind, "body": body, "sig": sig}, use_bin_type=True)
+    return blob
 
 
-def _open(blob: Any, kind: str) -> dict:
+def _open(blob: Any, kind: str) -> dict[str, Any]:
     """Check an envelope's shape and signature; return the verified body fields."""
     if not isinstance(blob, (bytes, bytearray)) or len(blob) > MAX_RECORD:
         raise RecordError("record missing or too large")
@@ -64,7 +66,7 @@ def _open(blob: Any, kind: str) -> dict:
     return fields
 
 
-def _typed(fields: dict, spec: dict[str, type | tuple]) -> dict:
+def _typed(fields: dict[str, Any], spec: Mapping[str, type]) -> dict[str, Any]:
     out = {}
     for name, typ in spec.items():
         v = fields.get(name)
@@ -90,7 +92,7 @@ class CapacityAdvert:
     seq: int
     issued_at: float
     expires_at: float
-    addrs: list = field(default_factory=list)  # multiaddrs the node listens on
+    addrs: list[Any] = field(default_factory=list)  # multiaddrs the node listens on
 
     KIND = "advert"
     _SPEC = {

@@ -24,7 +24,8 @@ def run_daemon(load_config: Callable[[], Any], make_daemon: Callable[[Any], Any]
         raise CliError(str(e)) from None
     setup_logging(cfg.log_format, cfg.log_level)
     try:
-        return trio.run(make_daemon(cfg).run)
+        status: int = trio.run(make_daemon(cfg).run)
+        return status
     except errors as e:
         logging.getLogger(logger).debug("start failed", exc_info=True)
         raise CliError(str(e)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -52,6 +53,6 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     logging.getLogger("libp2p").setLevel(logging.WARNING)
 
 
-def add_logging_args(parser) -> None:
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default: text)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info", help="log verbosity (default: info)")

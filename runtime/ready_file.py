@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 FILE_NAME = "ready.json"
 
@@ -19,7 +20,7 @@ def path_in(state_dir: Path) -> Path:
     return Path(state_dir) / FILE_NAME
 
 
-def write(path: Path, info: dict) -> None:
+def write(path: Path, info: dict[str, Any]) -> None:
     """Atomically: readers never see half a file. `pid` is added."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -34,10 +35,11 @@ def clear(path: Path) -> None:
         pass
 
 
-def read(path: Path) -> dict | None:
+def read(path: Path) -> dict[str, Any] | None:
     """The daemon's ready info, or None while it is not (yet) ready."""
     try:
-        return json.loads(path.read_text())
+        info: dict[str, Any] = json.loads(path.read_text())
+        return info
     except (FileNotFoundError, ValueError):  # ValueError: being replaced
         return None
 
@@ -45,12 +47,12 @@ def read(path: Path) -> dict | None:
 class _Waiter:
     """One bounded wait for a started daemon: ready, exited, or out of time."""
 
-    def __init__(self, path: Path, proc: subprocess.Popen, limit: float, name: str, log_tail: Callable[[], str]):
+    def __init__(self, path: Path, proc: subprocess.Popen[Any], limit: float, name: str, log_tail: Callable[[], str]):
         self.path, self.proc, self.name, self.log_tail = path, proc, name, log_tail
         self.limit = limit
         self.deadline = time.monotonic() + limit
 
-    def check(self) -> dict | None:
+    def check(self) -> dict[str, Any] | None:
         info = read(self.path)
         if info is not None:
             return info
@@ -61,8 +63,8 @@ class _Waiter:
         return None
 
 
-def wait(path: Path, proc: subprocess.Popen, limit: float, *, name: str, log_tail: Callable[[], str],
-         poll: float = 0.05) -> dict:
+def wait(path: Path, proc: subprocess.Popen[Any], limit: float, *, name: str, log_tail: Callable[[], str],
+         poll: float = 0.05) -> dict[str, Any]:
     """Block until the daemon `proc` has written its ready file at `path`; RuntimeError (with
     the end of its log) if it exits first or is not ready within `limit` seconds."""
     w = _Waiter(path, proc, limit, name, log_tail)
@@ -71,8 +73,8 @@ def wait(path: Path, proc: subprocess.Popen, limit: float, *, name: str, log_tai
     return info
 
 
-async def wait_async(path: Path, proc: subprocess.Popen, limit: float, *, name: str, log_tail: Callable[[], str],
-                     poll: float = 0.05) -> dict:
+async def wait_async(path: Path, proc: subprocess.Popen[Any], limit: float, *, name: str, log_tail: Callable[[], str],
+                     poll: float = 0.05) -> dict[str, Any]:
     """`wait` for a trio program."""
     import trio
 

@@ -6,20 +6,31 @@ import os
 import tomllib
 from dataclasses import fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
-T = TypeVar("T")
+
+class _Settings(Protocol):
+    """A settings dataclass: `fields()` lists what a config file may set; `validate()` checks it."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def __init__(self, **values: Any) -> None: ...
+
+    def validate(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Settings)
 
 
 def mesh_home() -> Path:
     return Path(os.environ.get("MESH_HOME", Path.home() / ".mesh"))
 
 
-def load_settings(cls: type[T], path: str | None, table: str, overrides: dict) -> T:
+def load_settings(cls: type[T], path: str | None, table: str, overrides: dict[str, Any]) -> T:
     """Defaults (the dataclass), then the file's [table] (or its top level), then flags that
     were given (None = not given). Unknown settings in the file are an error, not ignored: a
     typo must not silently fall back to a default."""
-    values: dict = {}
+    values: dict[str, Any] = {}
     if path:
         try:
             with open(path, "rb") as f:
