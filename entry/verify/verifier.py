@@ -265,9 +265,9 @@ class Verifier:
         if not record.canary:
             return
         for p in record.parts:
-            st = self._state(p.node)
+            st = self._state(p.peer_id)
             if st is not None and record.request.model_sha256 in st.demoted:
-                self.ledger.settle_verification(record.request.request_id, {p.node: (False, "demoted")})
+                self.ledger.settle_verification(record.request.request_id, {p.peer_id: (False, "demoted")})
 
     def _structural(self, record: GenerationRecord) -> dict[str, str]:
         """Failures visible without the model: {peer id: reason}."""
