@@ -12,6 +12,9 @@ Sections (all by default; --only picks some):
             text events, TTFT, entry CPU and RSS, the load generator's own CPU
   routing   time for a new node to become routable after its model is loaded; time for a
             SIGKILLed node to leave routing (as /v1/mesh/nodes shows it)
+  taskrouting  the task-level router (scripts/bench_routing.py): 5-fold cross-validation on the
+            shared score tables (cost_at_95, quality_at_best_cost for the router, random, the
+            oracle, the best single model, a per-task table and kNN) and the decision latency
   failover  the longest pause a streaming client sees when the serving node is SIGKILLed
             (synthetic nodes at --failover-rate tok/s)
   scale     a many-node mesh (synthetic nodes as separate processes, real libp2p DHT on
@@ -550,6 +553,17 @@ def _stream_and_kill(url: str, model: str, max_tokens: int, kill_after: int, fin
     return {"gap_s": gap, "tokens": tokens, "failovers": failovers, "killed": killed_at is not None}
 
 
+def section_taskrouting(args) -> dict:
+    """The learned router's numbers, from its own script (it prints its table as it goes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "routing.json"
+        cmd = [PY, str(REPO / "scripts" / "bench_routing.py"), "--json", str(out)]
+        if args.quick:
+            cmd += ["--folds", "2"]
+        subprocess.run(cmd, check=True, cwd=REPO, timeout=900)
+        return json.loads(out.read_text())
+
+
 def section_failover(args) -> dict:
     kills = args.failover_kills
     model = "synth-failover"
@@ -752,7 +766,7 @@ def churn(m: Mesh, model: str, args) -> dict:
 
 # ---- main ----------------------------------------------------------------------------------
 
-SECTIONS = ("overhead", "capacity", "routing", "failover", "scale")
+SECTIONS = ("overhead", "capacity", "routing", "taskrouting", "failover", "scale")
 
 
 def summary(results: dict) -> list[dict]:
@@ -863,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
                      "args": {k: v for k, v in vars(args).items() if k != "dht_probe"}}
     t_all = time.monotonic()
     fns = {"overhead": section_overhead, "capacity": section_capacity, "routing": section_routing,
-           "failover": section_failover, "scale": section_scale}
+           "taskrouting": section_taskrouting, "failover": section_failover, "scale": section_scale}
     out_path = Path(args.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for name in SECTIONS:
