@@ -14,7 +14,7 @@ import trio
 
 from entry.backend import MeshUnavailable
 from entry.mesh import router
-from entry.mesh.relay import MeshBackend, MeshBackendConfig
+from entry.mesh.relay import MeshBackend, MeshBackendConfig, build_request, node_first_token_deadline
 from entry.mesh.view import REPUTATION_NEUTRAL, MeshView, NodeState
 from protocol.identity import Identity
 from protocol.messages import StatusReply
@@ -104,7 +104,10 @@ async def test_a_silent_unproven_node_costs_the_user_seconds_not_the_full_first_
         assert time.monotonic() - t0 < 10
         assert silent.total_failures == 1
         # A proven node keeps the full patience: its history says it answers.
-        assert router.proven(good) is False and good.served == 1
+        req = build_request(completion_spec("tiny", "", 16), SHA)
+        assert node_first_token_deadline(config, req, silent) == 1.0
+        good.served = router.PROVEN_AFTER
+        assert node_first_token_deadline(config, req, good) == 60.0
         nursery.cancel_scope.cancel()
 
 

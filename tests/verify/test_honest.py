@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from entry.mesh.view import REINSTATE_AFTER
+from entry.mesh.view import PROBATION_PASSES, REINSTATE_AFTER
 from entry.verify.canary import CanaryProber
 from entry.verify.stats import HARD, SOFT
 from tests.support.mesh_nodes import collect, completion_spec, routable, serving_node, wait_for
@@ -99,7 +99,7 @@ async def test_failover_split_credits_and_verifies_each_node_for_its_own_tokens(
         assert {v.peer_id for v in entry.verifier.verdicts if v.passed} == {victim.peer_id, survivor.peer_id}
 
 
-async def test_a_demoted_honest_node_is_reinstated_by_canary_probes(tmp_path, smollm2_path):
+async def test_a_demoted_honest_node_comes_back_through_probes_then_probation(tmp_path, smollm2_path):
     async with verifying_entry(tmp_path, smollm2_path) as entry:
         node = await entry.add_node("n", smollm2_path)
         await wait_for(lambda: routable(entry.backend, node), 30, "routable")
@@ -115,4 +115,13 @@ async def test_a_demoted_honest_node_is_reinstated_by_canary_probes(tmp_path, sm
             st.cooldown_until = 0.0
             await prober.probe(st)
             assert await entry.verifier.wait_idle(60)
-        assert st.model_sha256 not in st.demoted and st.routable(time.monotonic())
+        # Probes put it on probation: user traffic again, every request checked...
+        assert st.model_sha256 not in st.demoted and st.model_sha256 in st.probation
+        assert st.routable(time.monotonic())
+        model_id = smollm2_path.name.removesuffix(".gguf")
+        for i in range(PROBATION_PASSES):
+            await wait_for(lambda: routable(entry.backend, node), 30, "routable")
+            await collect(entry.backend, completion_spec(model_id, f"{i}. The sea is", 12))
+            assert await entry.verifier.wait_idle(60)
+        # ...and passed checks of user requests end it.
+        assert st.model_sha256 not in st.probation and st.routable(time.monotonic())
