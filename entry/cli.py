@@ -11,7 +11,7 @@ from runtime.logs import add_logging_args
 
 _START_KEYS = ("http_host", "http_port", "listen_host", "p2p_port", "bootstrap", "identity", "state_dir", "keys_db",
                "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "sse_write_timeout",
-               "log_format", "log_level", "ledger", "verify_model", "verify_rate", "canary_interval")
+               "log_format", "log_level", "ledger", "verify_model", "verify_rate", "canary_interval", "routing_table")
 
 
 def add_parser(sub) -> None:
@@ -51,6 +51,9 @@ def add_parser(sub) -> None:
                    "new and suspicious nodes: all)")
     s.add_argument("--canary-interval", type=float, help="mean seconds between canary probes to nodes of verified models "
                    "(default 60; 0 = none)")
+    s.add_argument("--routing-table", metavar="T.jsonl",
+                   help="score table to fit the router for model \"auto\" on at start-up when STATE_DIR/routing has "
+                   "no router or table of its own (written by `mesh entry benchmark`)")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
     add_keys_parser(es)

@@ -59,7 +59,8 @@ class Child:
 def _models(url: str) -> list[dict]:
     try:
         with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
-            return json.load(r).get("data", [])
+            # Only the models nodes serve: "auto" and provider models are the entry's own.
+            return [m for m in json.load(r).get("data", []) if m.get("owned_by") == "mesh"]
     except OSError:
         return []
 
