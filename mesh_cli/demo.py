@@ -16,6 +16,8 @@ from pathlib import Path
 from runtime import ready_file
 from runtime.settings import mesh_home
 
+DEMO_TABLE = Path(__file__).resolve().parent.parent / "routing" / "tables" / "demo_basic.jsonl"
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run a local mesh: one entry (open mode) and a node per bundled model on 127.0.0.1",
@@ -99,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
     children: list[Child] = []
     try:
         print(f"starting the entry on http://127.0.0.1:{args.port} … (logs in {logs})", flush=True)
-        entry = Child("entry", ["entry", "start", "--open", "--http-port", str(args.port)], state / "entry", logs)
+        # Routing works out of the box: the router is fitted from the committed benchmark of
+        # the bundled models until a `mesh entry benchmark` against this demo replaces it.
+        entry = Child("entry", ["entry", "start", "--open", "--http-port", str(args.port),
+                                "--routing-table", str(DEMO_TABLE)], state / "entry", logs)
         children.append(entry)
         info = entry.wait_ready(60)
         url, bootstrap = info["url"], info["p2p_addrs"][0]

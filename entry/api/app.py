@@ -34,6 +34,7 @@ from entry.api.ratelimit import OPEN_SUBJECT, RateLimited, RateLimits, Reservati
 from entry.api.responses import SSE_DONE, ChoiceState, ResponseBuilder, dumps, model_object, sse
 from entry.api.seeds import SeedMixer
 from entry.backend import Backend, DoneEvent, InvalidGeneration, MeshUnavailable, ModelEntry, TokenEvent, UnknownModel
+from entry.benchmark import DEFAULT_CONCURRENCY, BenchmarkBusy, BenchmarkRunner
 from entry.providers import ProviderError
 from entry.targets import AutoRouting, NoTarget, RouteRequestError, Target, parse_route_options
 from entry.targets import Route as RoutePlan
@@ -510,6 +511,7 @@ class _Handlers:
         self.ins = _Instruments(s.metrics)
         self.webchat = {p.name: p.read_bytes() for p in WEBCHAT_DIR.glob("*") if p.suffix in _WEBCHAT_TYPES}
         self.route_limiter = trio.CapacityLimiter(2)
+        self.benchmarks = BenchmarkRunner(s.auto)
 
     # --- access -------------------------------------------------------------------------------
 
@@ -683,6 +685,55 @@ class _Handlers:
         targets = auto.targets(self.s.backend.models())
         return JSONResponse(await trio.to_thread.run_sync(auto.view, targets, limiter=self.route_limiter))
 
+    async def start_benchmark(self, request: Request) -> Response:
+        """Score every target (or `models`) on a suite (`suite`: JSON Lines text; default the
+        shipped basic suite) through this API, then refit the router. Answers a run id."""
+        from routing.suite import SuiteError, load_suite, parse_suite_lines
+
+        self.authenticate(request)
+        body = await self.read_json(request)
+        unknown = sorted(set(body) - {"suite", "models", "concurrency"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected suite, models, concurrency",
+                           param=unknown[0])
+        suite = body.get("suite")
+        try:
+            if suite is None:
+                rows = load_suite(None)
+            elif isinstance(suite, str):
+                rows = parse_suite_lines(suite.splitlines(), "suite")
+            else:
+                raise ApiError(400, "'suite' must be the suite file's text (JSON Lines)", param="suite")
+        except SuiteError as e:
+            raise ApiError(400, str(e), param="suite", code="invalid_suite") from None
+        available = [t.id for t in self.s.auto.targets(self.s.backend.models())]
+        models = body.get("models")
+        if models is None:
+            models = available
+        elif not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+            raise ApiError(400, "'models' must be a non-empty list of model ids", param="models")
+        missing = [m for m in models if m not in available]
+        if missing:
+            raise ApiError(400, f"not available now: {', '.join(missing)}; available: {', '.join(available) or 'none'}",
+                           param="models", code="model_not_found")
+        if not models:
+            raise backend_error(MeshUnavailable("no model is available to benchmark"))
+        conc = body.get("concurrency", DEFAULT_CONCURRENCY)
+        if isinstance(conc, bool) or not isinstance(conc, int) or not 1 <= conc <= 64:
+            raise ApiError(400, "'concurrency' must be an integer in 1-64", param="concurrency")
+        try:
+            run = self.benchmarks.start(rows, list(dict.fromkeys(models)), request.headers.get("authorization"), conc)
+        except BenchmarkBusy as e:
+            raise ApiError(409, str(e), code="benchmark_running") from None
+        return JSONResponse(run.to_json(), status_code=202)
+
+    async def get_benchmark(self, request: Request) -> Response:
+        self.authenticate(request)
+        run = self.benchmarks.runs.get(request.path_params["run_id"])
+        if run is None:
+            raise ApiError(404, "no such benchmark run (runs are kept until the entry restarts)", code="not_found")
+        return JSONResponse(run.to_json())
+
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "nodes": len(self.s.backend.nodes_view()),
                              "models": len(self.s.backend.models())})
@@ -760,12 +811,16 @@ def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, l
         Route("/v1/mesh/nodes", h.nodes, methods=["GET"]),
         Route("/v1/mesh/credits/{node}", h.credits, methods=["GET"]),
         Route("/v1/mesh/routing", h.routing, methods=["GET"]),
+        Route("/v1/mesh/benchmark", h.start_benchmark, methods=["POST"]),
+        Route("/v1/mesh/benchmark/{run_id}", h.get_benchmark, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(_RequestMetrics, instruments=h.ins)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
     )
+    app.state.benchmarks = h.benchmarks  # serve_api starts it once the API listens
+    return app
 
 
 async def serve_api(app, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -781,4 +836,10 @@ async def serve_api(app, host: str, port: int, *, task_status=trio.TASK_STATUS_I
     config.graceful_timeout = 3.0
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
-        task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        bound = int(binds[0].rsplit(":", 1)[1])
+        runner = getattr(getattr(app, "state", None), "benchmarks", None)
+        if runner is not None:
+            # Benchmark runs call this API over loopback, like any client would.
+            own = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+            await nursery.start(runner.serve, f"http://[{own}]:{bound}" if ":" in own else f"http://{own}:{bound}")
+        task_status.started(bound)
