@@ -339,6 +339,26 @@ class AutoRouting:
 
     # --- the routing view ---------------------------------------------------------------
 
+    def _task_choice(self, texts: list[str], policy: RoutingPolicy, targets: Sequence[Target]) -> str | None:
+        """The model a policy picks most often on these prompts: the same rule as decide(),
+        with the predictions batched (one call per task, not one per prompt)."""
+        ok = [t for t in targets if policy.permits(t.id)
+              and (policy.max_cost is None or t.price <= policy.max_cost)]
+        if not ok:
+            return None
+        known = [t for t in ok if self.router is not None and t.id in self.router.models]
+        if not known:
+            return min(ok, key=lambda t: (t.price, t.id)).id
+        pred = self.router.predict(texts)
+        col = {m: j for j, m in enumerate(self.router.models)}
+        counts: dict[str, int] = {}
+        for i in range(len(texts)):
+            q = {t.id: float(pred[i, col[t.id]]) for t in known}
+            floor = policy.quality * max(q.values()) - 1e-12
+            chosen = min((t for t in known if q[t.id] >= floor), key=lambda t: (t.price, -q[t.id])).id
+            counts[chosen] = counts.get(chosen, 0) + 1
+        return max(counts, key=lambda k: counts[k])
+
     def view(self, targets: Sequence[Target]) -> dict[str, Any]:
         """For GET /v1/mesh/routing: per task and model the mean quality on the table, price,
         latency; the current choice per policy (on each task's prompts); the router's status."""
@@ -364,16 +384,8 @@ class AutoRouting:
                                     "latency_p50_s": st.get("latency_p50_s")}
             row["choice"] = {}
             for pname in policies:
-                policy = self.config.policy(pname)
-                choices: dict[str, int] = {}
-                for text in texts[task]:
-                    try:
-                        chosen = self.decide(text, policy, RouteOptions(), targets).targets[0].id
-                    except NoTarget:
-                        chosen = None
-                    choices[str(chosen)] = choices.get(str(chosen), 0) + 1
                 name = AUTO if pname == DEFAULT_POLICY else f"{AUTO}:{pname}"
-                row["choice"][name] = max(choices, key=lambda k: choices[k]) if choices else None
+                row["choice"][name] = self._task_choice(texts[task], self.config.policy(pname), targets)
             out_tasks.append(row)
         return {"object": "mesh.routing", "router": self.status.to_json(),
                 "mesh_price_per_credit": self.config.mesh_price_per_credit,
