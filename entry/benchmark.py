@@ -27,6 +27,15 @@ log = logging.getLogger("mesh.entry.benchmark")
 MAX_RUNS_KEPT = 16
 DEFAULT_CONCURRENCY = 4
 CALL_TIMEOUT = 300.0  # seconds for one suite answer: a slow CPU node on a long prompt
+BUSY_RETRIES = 60  # tries of one call answered 503 (nodes busy) or 429 before it scores 0
+MAX_BUSY_WAIT = 5.0
+
+
+def _retry_after(r: httpx.Response) -> float:
+    try:
+        return min(MAX_BUSY_WAIT, max(0.1, float(r.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
 
 
 @dataclass
@@ -102,10 +111,16 @@ class BenchmarkRunner:
 
                 async def complete(model: str, request, max_tokens: int):
                     messages = [{"role": "user", "content": request}] if isinstance(request, str) else request
-                    t0 = time.perf_counter()
-                    r = await http.post("/v1/chat/completions", json={
-                        "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
-                    latency = time.perf_counter() - t0
+                    for _ in range(BUSY_RETRIES):
+                        t0 = time.perf_counter()
+                        r = await http.post("/v1/chat/completions", json={
+                            "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+                        latency = time.perf_counter() - t0
+                        # Busy nodes or the caller's rate limit: a wait helps, and a 0 would
+                        # teach the router that the model cannot answer.
+                        if r.status_code not in (429, 503):
+                            break
+                        await trio.sleep(_retry_after(r))
                     if r.status_code != 200:
                         try:
                             msg = r.json()["error"]["message"]

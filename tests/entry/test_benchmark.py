@@ -11,6 +11,7 @@ import sys
 
 import trio
 
+from entry.backend import MeshUnavailable
 from entry.routing_config import parse_routing
 from entry.targets import ROUTER_FILE, STATS_FILE, TABLE_FILE, AutoRouting
 from tests.support.fake_backend import MODEL, FakeBackend, running_api
@@ -30,7 +31,15 @@ SUITE = [
 
 
 class TwoModels(FakeBackend):
-    """"small" stops after two tokens: it never reaches "meet"."""
+    """"small" stops after two tokens: it never reaches "meet". "big" is busy at first."""
+
+    busy = 2
+
+    def select_model(self, model: str):
+        if model == "big" and self.busy:
+            self.busy -= 1
+            raise MeshUnavailable("all nodes for this model are busy", retry_after=0.1)
+        return super().select_model(model)
 
     def generate(self, spec, model=None):
         if model is not None and model.id == "small":
