@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from importlib import resources
 from pathlib import Path
 
 from runtime import ready_file
 from runtime.settings import mesh_home
 
-DEMO_TABLE = Path(__file__).resolve().parent.parent / "routing" / "tables" / "demo_basic.jsonl"
+# Shipped with the routing package (routing/tables/README.md says how it was made).
+DEMO_TABLE = Path(str(resources.files("routing").joinpath("tables", "demo_basic.jsonl")))
 
 
 def add_parser(sub) -> None:
