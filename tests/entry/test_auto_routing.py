@@ -230,3 +230,27 @@ async def test_routing_view_and_metrics():
     # Easy went to small instead of the best single model (big): 0.9 USD per 1M tokens saved.
     saved = next(float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith("mesh_routing_cost_saved_total"))
     assert saved == pytest.approx(0.9 * 13 / 1e6)
+
+
+def test_start_up_loads_the_state_router_else_fits_the_state_or_shipped_table(tmp_path):
+    from routing import write_table
+
+    shipped = tmp_path / "shipped.jsonl"
+    write_table(list(table()), shipped, append=False)
+    state = tmp_path / "routing"
+    auto = AutoRouting(parse_routing({}), {}, state, shipped)
+    auto.load()
+    assert auto.status.source == "shipped table shipped.jsonl" and auto.status.rows == 200
+    assert auto.task_of(HARD.replace("3 modulo 4", "1 modulo 4")) == "proof"
+
+    auto.refit(list(table())[:100], {"big": {"latency_p50_s": 0.5}}, merge=False)  # what a benchmark does
+    again = AutoRouting(parse_routing({}), {}, state, shipped)
+    again.load()
+    assert again.status.source == "state router" and again.status.rows == 100
+    assert again.stats["big"]["latency_p50_s"] == 0.5
+
+    broken = AutoRouting(parse_routing({}), {}, tmp_path / "nothing")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "router.pkl").write_bytes(b"not a pickle")
+    broken.load()  # a bad file is logged; auto falls back to the cheapest model
+    assert broken.router is None and "not a router file" in broken.status.error
