@@ -37,6 +37,9 @@ class EntryConfig:
     # [entry.routing]; schema in entry/routing_config.py). Raw tables become typed at construction.
     providers: list[ProviderConfig] = field(default_factory=list)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    # Score table (routing/tables.py format) the router is fitted on at start-up when
+    # STATE_DIR/routing holds neither a router nor a table (the demo ships one).
+    routing_table: str | None = None
 
     def __post_init__(self) -> None:
         self.providers = parse_providers(self.providers)
@@ -53,6 +56,10 @@ class EntryConfig:
 
     def ledger_path(self) -> Path:
         return Path(self.ledger) if self.ledger else self.state_path() / "credits.db"
+
+    def routing_dir(self) -> Path:
+        """Where the benchmark phase keeps the score table, stats and fitted router."""
+        return self.state_path() / "routing"
 
     def keys_path(self) -> Path:
         from entry.api.apikeys import default_keys_path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 
 import trio
 
@@ -15,6 +16,8 @@ from entry.api.seeds import SeedMixer
 from entry.config import EntryConfig
 from entry.credits.ledger import Ledger
 from entry.mesh.relay import MeshBackendConfig, open_mesh_backend
+from entry.providers import open_providers
+from entry.targets import AutoRouting
 from entry.verify.canary import CanaryConfig, CanaryCorpusMissing, CanaryProber, canary_pool
 from entry.verify.verifier import Verifier, VerifierConfig
 from protocol.identity import Identity
@@ -61,13 +64,18 @@ class EntryDaemon:
         cfg = self.cfg
         async with open_mesh_host(identity, listen_host=cfg.listen_host, listen_port=cfg.p2p_port,
                                   bootstrap=cfg.bootstrap) as host:
-            async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done) as backend:
+            async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done) as backend, \
+                    open_providers(cfg.providers) as providers:
+                auto = AutoRouting(cfg.routing, providers, cfg.routing_dir(),
+                                   None if cfg.routing_table is None else Path(cfg.routing_table),
+                                   lambda m: verifier.weight(m.sha256))
+                await trio.to_thread.run_sync(auto.load)
                 verifier.view = backend.view
                 backend.model_pins = verifier.pins()
                 backend.admit = verifier.admits
                 app = create_app(backend, keys=keys, open_mode=cfg.open, limits=RateLimits(rpm=cfg.rpm, tpm=cfg.tpm),
                                  metrics=metrics, max_body_bytes=cfg.max_body_bytes, ledger=ledger, seeds=seeds,
-                                 sse_write_timeout=cfg.sse_write_timeout)
+                                 sse_write_timeout=cfg.sse_write_timeout, auto=auto)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(verifier.run)
                     if verifier.models:

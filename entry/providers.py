@@ -248,7 +248,7 @@ class ProviderTarget:
             # Most providers send one token per chunk; some send several: take the larger.
             completion_tokens = max(chunks, _estimate_tokens(text_chars))
         reason = finish if finish in ("stop", "length", "content_filter") else "stop"
-        part = ServedPart(node=self.provider, kind=f"{self.model} at provider {self.provider}",
+        part = ServedPart(pseudonym=self.provider, description=f"{self.model} at provider {self.provider}",
                           completion_tokens=completion_tokens)
         return ProviderDoneEvent(finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                  served_by=[part], usage_estimated=estimated)

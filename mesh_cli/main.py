@@ -19,20 +19,24 @@ def build_parser() -> argparse.ArgumentParser:
     from entry import cli as entry_cli
     from mesh_cli import demo, keys
     from node import cli as node_cli
+    from routing import cli as route_cli
 
     demo.add_parser(sub)
     node_cli.add_parser(sub)
     entry_cli.add_parser(sub)
     keys.add_parser(sub)
+    route_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from routing.cli import RouteCliError
+
     try:
         return args.func(args) or 0
-    except (CliError, IdentityError) as e:
+    except (CliError, IdentityError, RouteCliError) as e:
         print(f"mesh: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,10 @@ from entry.api.ratelimit import OPEN_SUBJECT, RateLimited, RateLimits, Reservati
 from entry.api.responses import SSE_DONE, ChoiceState, ResponseBuilder, dumps, model_object, sse
 from entry.api.seeds import SeedMixer
 from entry.backend import Backend, DoneEvent, InvalidGeneration, MeshUnavailable, ModelEntry, TokenEvent, UnknownModel
+from entry.benchmark import DEFAULT_CONCURRENCY, BenchmarkBusy, BenchmarkRunner
+from entry.providers import ProviderError
+from entry.targets import AutoRouting, NoTarget, RouteRequestError, Target, parse_route_options
+from entry.targets import Route as RoutePlan
 from protocol.credit_query import ReplayGuard
 
 log = logging.getLogger("mesh.entry.api")
@@ -71,6 +75,9 @@ def backend_error(e: BaseException) -> ApiError:
                         code="mesh_unavailable", headers={"Retry-After": _retry_after(e.retry_after)})
     if isinstance(e, InvalidGeneration):
         return ApiError(400, str(e), code=e.code)
+    if isinstance(e, ProviderError):
+        headers = {} if e.retry_after is None else {"Retry-After": _retry_after(e.retry_after)}
+        return ApiError(502, str(e), type="server_error", code="provider_error", headers=headers)
     return ApiError(500, "internal error in the entry", type="server_error", code="internal_error")
 
 
@@ -89,6 +96,7 @@ class _Settings:
     # cancelled: a client that stops reading must not hold node slots.
     sse_write_timeout: float = 10.0
     credit_queries: ReplayGuard = field(default_factory=ReplayGuard)
+    auto: AutoRouting = field(default_factory=AutoRouting)  # `model: "auto"`, provider targets
 
 
 class _Instruments:
@@ -107,9 +115,15 @@ class _Instruments:
         self.in_flight = m.gauge("mesh_entry_generations_in_flight", "Generation requests being answered")
         self.in_flight.set(0)
         self.model_nodes = m.gauge("mesh_entry_model_nodes", "Live nodes serving each model", ("model",))
+        self.routed = m.counter("mesh_routed_requests_total", "Requests for auto routed, by model used and task "
+                                "(task: known for prompts of the router's table, else unknown)", ("model", "task"))
+        self.cost_saved = m.counter("mesh_routing_cost_saved_total", "USD saved by routing against always using the "
+                                    "best single model (price difference x completion tokens)")
+        self.cost_saved.inc(0)
 
 
-_KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/mesh/nodes")
+_KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/mesh/nodes",
+                "/v1/mesh/routing", "/v1/mesh/benchmark")
 
 
 def _endpoint_label(path: str) -> str:
@@ -122,6 +136,8 @@ def _endpoint_label(path: str) -> str:
         return "/webchat/{file}"
     if path.startswith("/v1/mesh/credits/"):
         return "/v1/mesh/credits/{node}"
+    if path.startswith("/v1/mesh/benchmark/"):
+        return "/v1/mesh/benchmark/{id}"
     return "other"
 
 
@@ -168,12 +184,18 @@ class GenerationResponse(Response):
     """
 
     def __init__(self, settings: _Settings, ins: _Instruments, plan: GenerationPlan, model: ModelEntry,
-                 reservation: Reservation, t0: float):
+                 reservation: Reservation, t0: float, targets: list[Target] | None = None, route: RoutePlan | None = None):
         self.s, self.ins, self.plan, self.model = settings, ins, plan, model
         self.reservation, self.t0 = reservation, t0
+        # targets: the routed request's targets in the order to try (None: `model` only, on the mesh)
+        self.targets, self.route = targets, route
+        self.used: dict[int, Target] = {}  # choice index -> the target that answered it
+        self.fallbacks: list[dict[str, str]] = []
         prefix = "chatcmpl-" if plan.endpoint == "chat" else "cmpl-"
         self.builder = ResponseBuilder(plan.endpoint, prefix + secrets.token_hex(12), int(time.time()), model,
                                        plan.include_usage)
+        if route is not None:
+            self.builder.route = route.info
         self.states = [ChoiceState(i, plan.prompt_of[i]) for i in range(len(plan.specs))]
         self.endpoint = "/v1/chat/completions" if plan.endpoint == "chat" else "/v1/completions"
         self.first_token_seen = False
@@ -266,17 +288,65 @@ class GenerationResponse(Response):
         async with tx:
             events = None
             try:
-                events = self.s.backend.generate(spec, self.model)
+                if self.targets is None:
+                    events = self.s.backend.generate(spec, self.model)
+                else:
+                    events = self._routed(index, spec)
                 async for ev in events:
                     await tx.send((index, ev))
                 await tx.send((index, _END))
             except Exception as e:  # noqa: BLE001 - every failure becomes an answer to the client
-                if not isinstance(e, (UnknownModel, MeshUnavailable, InvalidGeneration)):
+                if not isinstance(e, (UnknownModel, MeshUnavailable, InvalidGeneration, ProviderError)):
                     log.exception("generation failed in the backend")
                 await tx.send((index, e))
             finally:
                 if events is not None:
                     await _close_events(events)
+
+    async def _routed(self, index: int, spec):
+        """Events from the first target that starts answering: one with no free node
+        (MeshUnavailable, UnknownModel: it just left) or whose provider fails before any text
+        hands over to the next. Once a target has sent an event, its failures are final: the
+        user must not see text twice."""
+        last: BaseException | None = None
+        for t in self.targets:
+            events = None
+            started = False
+            try:
+                if t.kind == "mesh":
+                    entry = self.s.backend.select_model(t.id)
+                    events = self.s.backend.generate(replace(spec, model=t.id), entry)
+                else:
+                    events = t.provider.generate(replace(spec, model=t.id))
+                async for ev in events:
+                    if not started:
+                        started = True
+                        self.used.setdefault(index, t)
+                    yield ev
+                return
+            except (MeshUnavailable, UnknownModel, ProviderError) as e:
+                if started:
+                    raise
+                last = e
+                if not any(f["model"] == t.id for f in self.fallbacks):
+                    self.fallbacks.append({"model": t.id, "error": str(e)})
+                log.info("routed target %s could not start (%s): trying the next", t.id, type(e).__name__)
+            finally:
+                if events is not None:
+                    await _close_events(events)
+        raise last if last is not None else MeshUnavailable("no model could serve this request")
+
+    def _settle_model(self) -> dict[str, str]:
+        """Name the target that answered in the response (its first choice's), and return
+        the headers saying so."""
+        if self.targets is not None and self.used:
+            t = self.used.get(0) or next(iter(self.used.values()))
+            self.builder.model = t.id
+            self.builder.fingerprint = "fp_" + t.entry.sha256[:12] if t.entry.sha256 else None
+            if self.route is not None:
+                self.route.info["model"] = t.id
+                self.route.info["fallbacks"] = self.fallbacks
+        return {"x-mesh-model": self.builder.model}
 
     def _record(self, index: int, item: Any) -> tuple[str, Any]:
         """Fold an item into its choice's state: ("token", lps) | ("done", None) | ("error", exc)."""
@@ -310,9 +380,10 @@ class GenerationResponse(Response):
                 await _send_json(send, e.status, e.body(), e.headers)
                 return
             finished += what == "end"
+        headers = self._settle_model()
         body = self.builder.response(self.states, self.plan.logprobs)
         self._finish()
-        await _send_json(send, 200, body)
+        await _send_json(send, 200, body, headers)
 
     async def _answer_stream(self, rx, send) -> None:
         # Hold the headers until every choice has an event or an error, so a request that
@@ -331,8 +402,9 @@ class GenerationResponse(Response):
             waiting.discard(index)
             pending.append((index, item))
 
+        headers = self._settle_model()
         await send({"type": "http.response.start", "status": 200, "headers": _raw_headers(
-            {"Content-Type": "text/event-stream; charset=utf-8", **_SSE_HEADERS})})
+            {"Content-Type": "text/event-stream; charset=utf-8", **_SSE_HEADERS, **headers})})
 
         async def emit(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -374,7 +446,14 @@ class GenerationResponse(Response):
 
     def _account(self) -> None:
         tokens = sum(s.completion_tokens for s in self.states)
-        model = self.model.id
+        model = self.builder.model
+        if self.route is not None and self.used:
+            self.ins.routed.inc(model=model, task=self.route.task or "unknown")
+            if self.route.best_single_price is not None:
+                saved = sum((self.route.best_single_price - self.used[s.index].price) * s.completion_tokens
+                            for s in self.states if s.index in self.used) / 1e6
+                if saved > 0:
+                    self.ins.cost_saved.inc(saved)
         self.ins.completion_tokens.inc(tokens, model=model)
         prompt, cut = {}, set()
         for s in self.states:
@@ -406,6 +485,15 @@ async def _close_events(events) -> None:
             log.exception("closing a backend generation failed")
 
 
+def _routing_text(spec) -> str:
+    """What the router reads: the same text its tables were built from."""
+    from routing.tables import messages_text
+
+    if spec.kind == "chat":
+        return messages_text({"role": m.role, "content": m.content} for m in spec.messages)
+    return spec.prompt
+
+
 def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
@@ -422,6 +510,8 @@ class _Handlers:
         self.s = s
         self.ins = _Instruments(s.metrics)
         self.webchat = {p.name: p.read_bytes() for p in WEBCHAT_DIR.glob("*") if p.suffix in _WEBCHAT_TYPES}
+        self.route_limiter = trio.CapacityLimiter(2)
+        self.benchmarks = BenchmarkRunner(s.auto)
 
     # --- access -------------------------------------------------------------------------------
 
@@ -469,15 +559,32 @@ class _Handlers:
     async def _generate(self, request: Request, parse: Callable[[dict], GenerationPlan]) -> Response:
         t0 = time.perf_counter()
         subject, rpm, tpm = self.authenticate(request)
-        plan = parse(await self.read_json(request), mix_seed=self.s.seeds.for_subject(subject))
-        # The one place a request's model is chosen; generations run on it without asking again.
+        body = await self.read_json(request)
+        plan = parse(body, mix_seed=self.s.seeds.for_subject(subject))
         try:
-            model = self.s.backend.select_model(plan.model)
-        except UnknownModel:
-            raise ApiError(404, f"the model {plan.model!r} is not served by the mesh right now; see /v1/models",
-                           param="model", code="model_not_found") from None
-        except MeshUnavailable as e:
-            raise backend_error(e) from None
+            opts = parse_route_options(body)
+        except RouteRequestError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        # The one place a request's model is chosen; generations run on it without asking again.
+        # `auto` yields an ordered list of targets; the first that can start answers.
+        auto = self.s.auto
+        targets: list[Target] | None = None
+        route: RoutePlan | None = None
+        if auto.is_auto(plan.model):
+            route = await self._route(plan, opts)
+            targets = route.targets
+            model = targets[0].entry
+        elif (provider := auto.provider_target(plan.model)) is not None:
+            targets = [provider]
+            model = provider.entry
+        else:
+            try:
+                model = self.s.backend.select_model(plan.model)
+            except UnknownModel:
+                raise ApiError(404, f"the model {plan.model!r} is not served by the mesh right now; see /v1/models",
+                               param="model", code="model_not_found") from None
+            except MeshUnavailable as e:
+                raise backend_error(e) from None
         try:
             reservation = self.s.limits.acquire(subject, rpm=rpm, tpm=tpm, tokens=plan.max_tokens())
         except RateLimited as e:
@@ -485,7 +592,25 @@ class _Handlers:
             headers = {} if e.retry_after is None else {"Retry-After": _retry_after(e.retry_after)}
             raise ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
                            param="max_tokens" if e.retry_after is None else None, headers=headers) from None
-        return GenerationResponse(self.s, self.ins, plan, model, reservation, t0)
+        return GenerationResponse(self.s, self.ins, plan, model, reservation, t0, targets, route)
+
+    async def _route(self, plan: GenerationPlan, opts) -> RoutePlan:
+        auto = self.s.auto
+        try:
+            policy = auto.policy(plan.model)
+        except RouteRequestError as e:
+            raise ApiError(400, str(e), param=e.param, code="model_not_found") from None
+        targets = auto.targets(self.s.backend.models())
+        text = _routing_text(plan.specs[0])
+        try:
+            if auto.router is None:
+                return auto.decide(text, policy, opts, targets)
+            # A learned decision takes milliseconds of CPU (features, three predictors): off the loop.
+            return await trio.to_thread.run_sync(auto.decide, text, policy, opts, targets, limiter=self.route_limiter)
+        except NoTarget as e:
+            if e.filtered:
+                raise ApiError(400, str(e), param="mesh.route", code="no_route") from None
+            raise backend_error(MeshUnavailable(str(e))) from None
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, parse_chat)
@@ -497,13 +622,27 @@ class _Handlers:
 
     async def list_models(self, request: Request) -> Response:
         self.authenticate(request)
-        return JSONResponse({"object": "list", "data": [model_object(m, self.s.started) for m in self.s.backend.models()]})
+        return JSONResponse({"object": "list", "data": [model_object(m, self.s.started) for m in self.s.backend.models()]
+                             + self._routed_model_objects()})
+
+    def _routed_model_objects(self) -> list[dict]:
+        auto = self.s.auto
+        # "nodes": 0 keeps clients that sum the mesh's nodes over the list right.
+        out = [{"id": name, "object": "model", "created": self.s.started, "owned_by": "mesh-router", "nodes": 0}
+               for name in auto.model_names()]
+        out += [{"id": tid, "object": "model", "created": self.s.started, "owned_by": p.provider, "nodes": 0,
+                 "price_per_mtok": {"input": p.prices.input_per_mtok, "output": p.prices.output_per_mtok}}
+                for tid, p in auto.providers.items()]
+        return out
 
     async def get_model(self, request: Request) -> Response:
         self.authenticate(request)
         model_id = request.path_params["model_id"]
         m = self.s.backend.resolve_model(model_id)
         if m is None:
+            routed = next((o for o in self._routed_model_objects() if o["id"] == model_id), None)
+            if routed is not None:
+                return JSONResponse(routed)
             raise ApiError(404, f"the model {model_id!r} is not served by the mesh right now", param="model",
                            code="model_not_found")
         return JSONResponse(model_object(m, self.s.started))
@@ -537,6 +676,63 @@ class _Handlers:
         entry = getattr(getattr(self.s.backend, "host", None), "peer_id", None)  # receipts name it
         return JSONResponse({"node": node, "entry": entry, "totals": totals,
                              "requests": self.s.ledger.node_requests(node, limit=10_000)})
+
+    async def routing(self, request: Request) -> Response:
+        """Per task and model: mean quality on the router's table, price, latency, and what each
+        policy picks now; plus the router's status."""
+        self.authenticate(request)
+        auto = self.s.auto
+        targets = auto.targets(self.s.backend.models())
+        return JSONResponse(await trio.to_thread.run_sync(auto.view, targets, limiter=self.route_limiter))
+
+    async def start_benchmark(self, request: Request) -> Response:
+        """Score every target (or `models`) on a suite (`suite`: JSON Lines text; default the
+        shipped basic suite) through this API, then refit the router. Answers a run id."""
+        from routing.suite import SuiteError, load_suite, parse_suite_lines
+
+        self.authenticate(request)
+        body = await self.read_json(request)
+        unknown = sorted(set(body) - {"suite", "models", "concurrency"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected suite, models, concurrency",
+                           param=unknown[0])
+        suite = body.get("suite")
+        try:
+            if suite is None:
+                rows = load_suite(None)
+            elif isinstance(suite, str):
+                rows = parse_suite_lines(suite.splitlines(), "suite")
+            else:
+                raise ApiError(400, "'suite' must be the suite file's text (JSON Lines)", param="suite")
+        except SuiteError as e:
+            raise ApiError(400, str(e), param="suite", code="invalid_suite") from None
+        available = [t.id for t in self.s.auto.targets(self.s.backend.models())]
+        models = body.get("models")
+        if models is None:
+            models = available
+        elif not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+            raise ApiError(400, "'models' must be a non-empty list of model ids", param="models")
+        missing = [m for m in models if m not in available]
+        if missing:
+            raise ApiError(400, f"not available now: {', '.join(missing)}; available: {', '.join(available) or 'none'}",
+                           param="models", code="model_not_found")
+        if not models:
+            raise backend_error(MeshUnavailable("no model is available to benchmark"))
+        conc = body.get("concurrency", DEFAULT_CONCURRENCY)
+        if isinstance(conc, bool) or not isinstance(conc, int) or not 1 <= conc <= 64:
+            raise ApiError(400, "'concurrency' must be an integer in 1-64", param="concurrency")
+        try:
+            run = self.benchmarks.start(rows, list(dict.fromkeys(models)), request.headers.get("authorization"), conc)
+        except BenchmarkBusy as e:
+            raise ApiError(409, str(e), code="benchmark_running") from None
+        return JSONResponse(run.to_json(), status_code=202)
+
+    async def get_benchmark(self, request: Request) -> Response:
+        self.authenticate(request)
+        run = self.benchmarks.runs.get(request.path_params["run_id"])
+        if run is None:
+            raise ApiError(404, "no such benchmark run (runs are kept until the entry restarts)", code="not_found")
+        return JSONResponse(run.to_json())
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "nodes": len(self.s.backend.nodes_view()),
@@ -591,7 +787,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, limits: RateLimits, metrics: Metrics,
                max_body_bytes: int = 1_000_000, ledger=None, seeds: SeedMixer | None = None,
-               sse_write_timeout: float = 10.0) -> Starlette:
+               sse_write_timeout: float = 10.0, auto: AutoRouting | None = None) -> Starlette:
     """The entry's ASGI app. Without open_mode every /v1 route needs a key from `keys`;
     /, /health and /metrics are open (they show no user data). /v1/mesh/credits/{node}
     needs the node's own signature instead, in any mode. `seeds` mixes users' seeds (a
@@ -602,7 +798,7 @@ def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, l
     if not sse_write_timeout > 0:
         raise ValueError("sse_write_timeout must be > 0")
     h = _Handlers(_Settings(backend, keys, open_mode, limits, metrics, max_body_bytes, int(time.time()), ledger,
-                            seeds or SeedMixer.random(), sse_write_timeout))
+                            seeds or SeedMixer.random(), sse_write_timeout, auto=auto or AutoRouting()))
     routes = [
         Route("/", h.webchat_index, methods=["GET"]),
         Route("/webchat/{name}", h.webchat_file, methods=["GET"]),
@@ -614,12 +810,17 @@ def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, l
         Route("/v1/completions", h.completions, methods=["POST"]),
         Route("/v1/mesh/nodes", h.nodes, methods=["GET"]),
         Route("/v1/mesh/credits/{node}", h.credits, methods=["GET"]),
+        Route("/v1/mesh/routing", h.routing, methods=["GET"]),
+        Route("/v1/mesh/benchmark", h.start_benchmark, methods=["POST"]),
+        Route("/v1/mesh/benchmark/{run_id}", h.get_benchmark, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(_RequestMetrics, instruments=h.ins)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
     )
+    app.state.benchmarks = h.benchmarks  # serve_api starts it once the API listens
+    return app
 
 
 async def serve_api(app, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -635,4 +836,10 @@ async def serve_api(app, host: str, port: int, *, task_status=trio.TASK_STATUS_I
     config.graceful_timeout = 3.0
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
-        task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        bound = int(binds[0].rsplit(":", 1)[1])
+        runner = getattr(getattr(app, "state", None), "benchmarks", None)
+        if runner is not None:
+            # Benchmark runs call this API over loopback, like any client would.
+            own = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+            await nursery.start(runner.serve, f"http://[{own}]:{bound}" if ":" in own else f"http://{own}:{bound}")
+        task_status.started(bound)

@@ -154,6 +154,13 @@ class ResponseBuilder:
         self.model = model.id
         self.fingerprint = "fp_" + model.sha256[:12] if model.sha256 else None
         self.include_usage = include_usage
+        self.route: dict | None = None  # `mesh.route` of a routed (`auto`) request
+
+    def _mesh(self, dones: list[DoneEvent | None]) -> dict:
+        extra = mesh_extra(dones)
+        if self.route is not None:
+            extra["route"] = self.route
+        return extra
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -186,14 +193,14 @@ class ResponseBuilder:
         else:
             choice = {"index": state.index, "text": "", "logprobs": None, "finish_reason": state.done.finish_reason}
         obj = self._chunk(choice)
-        obj["mesh"] = mesh_extra([state.done])
+        obj["mesh"] = self._mesh([state.done])
         return obj
 
     def usage_chunk(self, states: list[ChoiceState]) -> dict:
         obj = self._head("chat.completion.chunk" if self.endpoint == "chat" else "text_completion")
         obj["choices"] = []
         obj["usage"] = usage(states)
-        obj["mesh"] = mesh_extra([s.done for s in states])
+        obj["mesh"] = self._mesh([s.done for s in states])
         return obj
 
     def response(self, states: list[ChoiceState], want_logprobs: bool) -> dict:
@@ -211,5 +218,5 @@ class ResponseBuilder:
         obj = self._head("chat.completion" if self.endpoint == "chat" else "text_completion")
         obj["choices"] = choices
         obj["usage"] = usage(states)
-        obj["mesh"] = mesh_extra([s.done for s in states])
+        obj["mesh"] = self._mesh([s.done for s in states])
         return obj

@@ -72,7 +72,7 @@ async def test_openai_models():
             c = client(api)
             models = await in_thread(lambda: list(c.models.list()))
             one = await in_thread(c.models.retrieve, "fake-model")
-    assert [m.id for m in models] == ["fake-model"]
+    assert [m.id for m in models] == ["fake-model", "auto"]
     assert one.owned_by == "mesh" and one.model_extra["nodes"] == 2
 
 

@@ -94,7 +94,7 @@ def sse_events(response: httpx.Response) -> list:
 def test_models_lists_the_model_with_both_nodes(mesh):
     r = httpx.get(f"{mesh.url}/v1/models", headers=mesh.auth, timeout=10)
     assert r.status_code == 200
-    (m,) = r.json()["data"]
+    (m,) = [m for m in r.json()["data"] if m["owned_by"] == "mesh"]
     assert m["id"] == mesh.model and m["nodes"] == 2 and m["object"] == "model"
 
 

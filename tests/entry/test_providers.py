@@ -202,7 +202,7 @@ async def test_usage_from_the_provider_is_used_and_prices_come_from_the_config()
             _, done = await collect(target, chat_spec())
     assert isinstance(done, ProviderDoneEvent) and not done.usage_estimated
     assert (done.prompt_tokens, done.completion_tokens, done.finish_reason) == (11, 2, "stop")
-    assert done.served_by[0].node == "fake" and done.served_by[0].completion_tokens == 2
+    assert done.served_by[0].pseudonym == "fake" and done.served_by[0].completion_tokens == 2
     assert target.id == "fake/m1" and target.prices.cost(11, 2) == pytest.approx((11 * 1.0 + 2 * 2.0) / 1e6)
 
 

@@ -59,7 +59,7 @@ async def test_streamed_chat(provider_server):
     assert isinstance(done, ProviderDoneEvent) and done.finish_reason in ("stop", "length")
     # llama_cpp.server sends no usage in streams, whatever stream_options say: estimated.
     assert done.prompt_tokens > 0 and done.completion_tokens >= len(toks) and done.usage_estimated
-    assert done.served_by[0].node == "llamacpp"
+    assert done.served_by[0].pseudonym == "llamacpp"
 
 
 async def test_non_streamed_answer_is_the_collected_stream_and_greedy_is_repeatable(provider_server):

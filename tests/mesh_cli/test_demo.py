@@ -48,7 +48,7 @@ def test_demo_serves_two_models_and_stops_cleanly(tmp_path, tiny_gguf):
         assert ready.wait(120), "".join(lines)
         url = next(ln.split()[1] for ln in lines if ln.strip().startswith("API:"))  # ".../v1"
         with urllib.request.urlopen(url + "/models", timeout=10) as r:
-            models = {m["id"]: m["nodes"] for m in json.load(r)["data"]}
+            models = {m["id"]: m["nodes"] for m in json.load(r)["data"] if m["owned_by"] == "mesh"}
         assert models == {"tiny-llama": 1, "tiny-b": 1}
         assert "mesh ready: tiny-b (1 node), tiny-llama (1 node)" in "".join(lines)
     finally:

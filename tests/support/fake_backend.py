@@ -150,7 +150,7 @@ class RunningApi:
 
 @asynccontextmanager
 async def running_api(backend: FakeBackend | None = None, *, open_mode: bool = True, keys=None, limits=None,
-                      max_body_bytes: int = 1_000_000):
+                      max_body_bytes: int = 1_000_000, auto=None):
     """The entry app on 127.0.0.1 (a free port) in this trio run, with an httpx client."""
     import httpx
 
@@ -161,7 +161,7 @@ async def running_api(backend: FakeBackend | None = None, *, open_mode: bool = T
     backend = backend or FakeBackend()
     metrics = Metrics()
     app = create_app(backend, keys=keys, open_mode=open_mode, limits=limits or RateLimits(), metrics=metrics,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, auto=auto)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_api, app, "127.0.0.1", 0)
         base = f"http://127.0.0.1:{port}"

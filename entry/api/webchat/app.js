@@ -63,10 +63,15 @@ async function loadModels() {
       const opt = document.createElement("option");
       opt.value = m.id;
       const nodes = m.nodes === 1 ? "1 node" : `${m.nodes} nodes`;
-      opt.textContent = `${m.id} (${nodes})`;
+      if (m.owned_by === "mesh-router") opt.textContent = `${m.id} (picks a model per message)`;
+      else if (m.owned_by !== "mesh") opt.textContent = `${m.id} (provider ${m.owned_by})`;
+      else opt.textContent = `${m.id} (${nodes})`;
       ui.model.append(opt);
     }
+    // With several models to choose from, let the router choose unless the user did.
+    const choices = models.filter((m) => m.owned_by !== "mesh-router");
     if (models.some((m) => m.id === previous)) ui.model.value = previous;
+    else if (choices.length > 1 && models.some((m) => m.id === "auto")) ui.model.value = "auto";
     ui.modelHint.textContent = models.length ? "" : "no model is being served right now";
     updateButtons();
     if (models.length && ui.error.textContent.startsWith("Could not reach")) showError("");
@@ -93,8 +98,13 @@ function addMessage(role, text) {
   return { li, body, meta };
 }
 
-function describe(mesh, usage) {
+function describe(mesh, usage, model) {
   const parts = [];
+  if (model) {
+    const route = mesh && mesh.route;
+    const q = route && route.predicted_quality != null ? `, predicted quality ${route.predicted_quality.toFixed(2)}` : "";
+    parts.push(route ? `answered by ${model} (routed${q})` : `answered by ${model}`);
+  }
   if (mesh && mesh.served_by && mesh.served_by.length) {
     const kinds = [...new Set(mesh.served_by.map((p) => `${p.kind} (${p.node})`))];
     parts.push("served by " + kinds.join(", then "));
@@ -156,6 +166,7 @@ async function send(text) {
   let content = "";
   let mesh = null;
   let usage = null;
+  let model = null;
   try {
     const res = await fetch("v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(request), signal: controller.signal,
@@ -172,7 +183,8 @@ async function send(text) {
       }
       if (chunk.mesh) mesh = chunk.mesh;
       if (chunk.usage) usage = chunk.usage;
-      answer.meta.textContent = describe(mesh, usage);
+      if (chunk.model) model = chunk.model;
+      answer.meta.textContent = describe(mesh, usage, model);
     }
   } catch (e) {
     if (e.name === "AbortError") {
@@ -184,7 +196,7 @@ async function send(text) {
     answer.li.classList.remove("streaming");
     answer.li.removeAttribute("aria-busy");
     const stopped = answer.li.classList.contains("stopped") ? "stopped" : "";
-    answer.meta.textContent = [stopped, describe(mesh, usage)].filter(Boolean).join(" · ");
+    answer.meta.textContent = [stopped, describe(mesh, usage, model)].filter(Boolean).join(" · ");
     if (content) {
       history.push({ role: "assistant", content });
     } else {
