@@ -31,7 +31,7 @@ from entry.backend import DoneEvent, MeshUnavailable, ServedPart, TokenEvent
 from entry.credits.ledger import Ledger
 from protocol.credit_query import HEADER, sign_query
 from protocol.identity import Identity
-from tests.support.fake_backend import KIND, FakeBackend
+from tests.support.fake_backend import DESCRIPTION, FakeBackend
 
 CHAT = "/v1/chat/completions"
 
@@ -82,7 +82,7 @@ class SamplingBackend(FakeBackend):
     """Picks tokens with the real shared sampler over a fixed logits row, as a node does. A
     sampler failure surfaces as what the relay makes of nodes failing: MeshUnavailable."""
 
-    def generate(self, spec):
+    def generate(self, spec, model=None):
         self.specs.append(spec)
         return self._sample(spec)
 
@@ -97,7 +97,7 @@ class SamplingBackend(FakeBackend):
                 raise MeshUnavailable(f"every node failed: {e!r}") from e
             ids.append(token)
             yield TokenEvent(ids=[token], text=f" t{token}")
-        yield DoneEvent("length", 1, len(ids), [ServedPart("amber-fox", KIND, len(ids))])
+        yield DoneEvent("length", 1, len(ids), [ServedPart("amber-fox", DESCRIPTION, len(ids))])
 
 
 @pytest.mark.parametrize("params", [
@@ -132,13 +132,13 @@ class GatedBackend(FakeBackend):
         super().__init__()
         self.gate = trio.Event()
 
-    def generate(self, spec):
+    def generate(self, spec, model=None):
         self.specs.append(spec)
-        return self._gated(spec)
+        return self._gated(spec, model)
 
-    async def _gated(self, spec):
+    async def _gated(self, spec, model):
         await self.gate.wait()
-        async for ev in self._run(spec):
+        async for ev in self._run(spec, model):
             yield ev
 
 
@@ -221,7 +221,7 @@ async def test_a_client_that_leaves_gets_the_unused_reservation_back(tmp_path):
 class EndlessBackend(FakeBackend):
     """Large tokens until cancelled (bounded far beyond what socket buffers hold)."""
 
-    def generate(self, spec):
+    def generate(self, spec, model=None):
         self.specs.append(spec)
         return self._endless()
 
