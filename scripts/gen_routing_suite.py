@@ -33,19 +33,19 @@ def row(rid: str, task: str, prompt: str | list[dict[str, str]], reference: Any,
 
 def arithmetic(rng: random.Random) -> list[dict[str, Any]]:
     rows = []
-    for i in range(10):
+    for _ in range(10):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         rows.append((f"What is {a} + {b}?", a + b))
-    for i in range(8):
+    for _ in range(8):
         a = rng.randint(20, 99)
         b = rng.randint(1, a - 1)
         rows.append((f"What is {a} - {b}?", a - b))
-    for i in range(8):
+    for _ in range(8):
         a, b = rng.randint(2, 12), rng.randint(2, 12)
         rows.append((f"What is {a} times {b}?", a * b))
     names = ["Tom", "Mia", "Sam", "Lena"]
     things = ["apples", "books", "pencils", "stickers"]
-    for name, thing in zip(names, things):
+    for name, thing in zip(names, things, strict=True):
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         rows.append((f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b))
     return [
