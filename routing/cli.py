@@ -42,7 +42,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def format_eval(result: EvalResult, train_name: str, test_name: str) -> str:
+def format_eval(result: EvalResult, train_name: str, test_name: str, sweep: str = "tolerance") -> str:
     """The human-readable report of ``mesh route eval``: a small aligned table."""
     j = result.to_json(with_curve=False)
     two = len(result.models) == 2
@@ -61,11 +61,11 @@ def format_eval(result: EvalResult, train_name: str, test_name: str) -> str:
                     + ([_fmt(m.get("apgr"))] if two else []))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     lines = head + [""]
-    lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     lines.append("")
-    lines.append("cost_at_95: lowest mean cost (fraction of C*) reaching 0.95*Q*; "
-                 "quality_at_best_cost: best mean quality at cost <= C*")
+    lines.append(f"router swept over its {sweep} setting; cost_at_95: lowest mean cost (fraction of C*) "
+                 "reaching 0.95*Q*; quality_at_best_cost: best mean quality at cost <= C*")
     return "\n".join(lines)
 
 
@@ -75,13 +75,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         train = load_table(train_path)
         test = load_table(test_path)
         prices = _prices_for(args, train_path)
-        result = evaluate_router(train, test, prices)
+        result = evaluate_router(train, test, prices, sweeps=(args.sweep,))
     except (TableError, EvalError, RoutingError) as e:
         raise RouteCliError(str(e)) from None
     if args.json:
         print(json.dumps(result.to_json(with_curve=not args.no_curves)))
     else:
-        print(format_eval(result, train_path.name, test_path.name))
+        print(format_eval(result, train_path.name, test_path.name, args.sweep))
     return 0
 
 
@@ -103,7 +103,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     try:
         router = load_router(args.router)
         models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(router.models)
-        if args.max_price is not None and args.tolerance is None:
+        if args.weight is not None:
+            policy = Policy.trade_off(args.weight, max_price=args.max_price)
+        elif args.max_price is not None and args.tolerance is None:
             policy = Policy.best_under_cap(args.max_price)
         else:
             policy = Policy.cheapest_within(0.95 if args.tolerance is None else args.tolerance,
@@ -133,6 +135,9 @@ def add_route_commands(sub: Any) -> None:
     ev.add_argument("--test", required=True, metavar="U.jsonl", help="score table to route and score")
     ev.add_argument("--prices", metavar="P.json",
                     help="model prices (default: prices.json beside --train; every model needs one)")
+    ev.add_argument("--sweep", choices=("tolerance", "tradeoff"), default="tolerance",
+                    help="the router's knob to sweep: the tolerance of 'cheapest model within a fraction "
+                         "of the best' (default) or the weight of 'quality minus weight * relative price'")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ev.add_argument("--no-curves", action="store_true", help="leave the cost/quality curves out of --json")
     ev.set_defaults(func=_cmd_eval)
@@ -151,6 +156,7 @@ def add_route_commands(sub: Any) -> None:
     ex.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
     ex.add_argument("--models", help="comma-separated available models (default: all the router knows)")
     ex.add_argument("--tolerance", type=float, help="cheapest model within this fraction of the best (default 0.95)")
+    ex.add_argument("--weight", type=float, help="trade-off policy: quality minus WEIGHT * relative price")
     ex.add_argument("--max-price", type=float, help="cost cap: output price per 1M tokens")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
     ex.set_defaults(func=_cmd_explain)

@@ -1,9 +1,10 @@
 """Judging a router on a held-out score table: cost/quality curves and summary numbers.
 
 The router is fitted on a train table T and routes every prompt of a test table U at each
-setting of a sweep (the tolerance of the "cheapest good-enough model" policy, from 0:
-always the cheapest model, to 1: the predicted best). Each setting gives one point: the
-mean cost and mean quality of its choices on U. The cost of a call is the chosen model's
+setting of a sweep: by default the tolerance of the "cheapest good-enough model" policy,
+from 0 (always the cheapest model) to 1 (the predicted best); or the weight of the
+"tradeoff" policy (predicted quality minus weight * relative price). Each setting gives
+one point: the mean cost and mean quality of its choices on U. The cost of a call is the chosen model's
 output price per million tokens (prices are required for every candidate model).
 
 Summary numbers, for the router, for random routing and for the per-prompt oracle:
@@ -48,6 +49,7 @@ __all__ = [
     "TOLERANCE_GRID",
     "apgr",
     "choose_tolerance",
+    "choose_tradeoff",
     "cross_validate",
     "cv_folds",
     "evaluate_router",
@@ -66,8 +68,10 @@ IntArray = npt.NDArray[np.int64]
 TOLERANCE_GRID: FloatArray = np.unique(
     np.concatenate([np.linspace(0.0, 1.0, 201), 1.0 - np.geomspace(1e-4, 0.2, 200)])
 )
-# Trade-off weights for the oracle's curve (quality - lam * price / max price).
-_LAMBDA_GRID: FloatArray = np.concatenate([[0.0], np.geomspace(1e-4, 1e3, 400)])
+# Trade-off weights swept for the "tradeoff" policy and the oracle:
+# choose argmax(quality - weight * price / max price).
+TRADEOFF_GRID: FloatArray = np.concatenate([[0.0], np.geomspace(1e-4, 1e3, 400)])
+SWEEPS = ("tolerance", "tradeoff")
 QUALITY_FRACTION = 0.95
 
 
@@ -184,15 +188,21 @@ def choose_tolerance(pred: FloatArray, prices: FloatArray, tolerances: FloatArra
     return out
 
 
-def oracle_choices(scores: FloatArray, prices: FloatArray) -> IntArray:
-    """The per-prompt oracle's choices over a sweep of the trade-off
-    ``score - lam * price / max price`` (ties: cheaper): the best any router could do."""
+def choose_tradeoff(pred: FloatArray, prices: FloatArray, weights: FloatArray) -> IntArray:
+    """Choices ``[len(weights), n_rows]``: per row the model maximising
+    ``quality - weight * price / max price`` (ties: the cheaper one)."""
     rel = prices / max(float(prices.max()), 1e-12)
-    out = np.empty((len(_LAMBDA_GRID), scores.shape[0]), dtype=np.int64)
-    for t, lam in enumerate(_LAMBDA_GRID):
-        utility = scores - lam * rel - 1e-9 * rel  # tiny tie-break towards cheaper
+    out = np.empty((len(weights), pred.shape[0]), dtype=np.int64)
+    for t, lam in enumerate(weights):
+        utility = pred - lam * rel - 1e-9 * rel  # tiny tie-break towards cheaper
         out[t] = utility.argmax(axis=1)
     return out
+
+
+def oracle_choices(scores: FloatArray, prices: FloatArray) -> IntArray:
+    """The per-prompt oracle: the trade-off sweep on the true scores, i.e. the best
+    cost/quality frontier any router could reach on these prompts."""
+    return choose_tradeoff(scores, prices, TRADEOFF_GRID)
 
 
 def curve_for_choices(choices: IntArray, scores: FloatArray, prices: FloatArray, best_cost: float,
@@ -313,14 +323,21 @@ def evaluate_predictions(
     predictors: Mapping[str, Callable[[Sequence[ScoreRow], list[str]], FloatArray]],
     *,
     models: Sequence[str] | None = None,
+    sweeps: Sequence[str] = ("tolerance",),
 ) -> EvalResult:
     """Evaluate routers given as ``predict(test_rows, models) -> [n_test, n_models]``
     predicted qualities (already fitted on ``train``), plus random routing and the oracle.
 
-    Each predictor is routed with the tolerance sweep; ``random`` mixes the weak (cheapest)
+    Each predictor is routed with each sweep of ``sweeps`` ("tolerance": the cheapest
+    model within a fraction of the best prediction; "tradeoff": the best predicted
+    quality minus a weight times the relative price); the first sweep's result is named
+    after the predictor, the others ``name@sweep``. ``random`` mixes the weak (cheapest)
     model with the best single one at every ratio, in expectation; ``oracle`` picks per
     prompt with the true scores.
     """
+    for sweep in sweeps:
+        if sweep not in SWEEPS:
+            raise EvalError(f"unknown sweep {sweep!r}; expected one of {', '.join(SWEEPS)}")
     if not test:
         raise EvalError("the test table has no rows")
     if models is None:
@@ -350,8 +367,13 @@ def evaluate_predictions(
     methods: dict[str, MethodResult] = {}
     for name, predict in predictors.items():
         pred = np.asarray(predict(test, cand), dtype=np.float64)
-        choices = choose_tolerance(pred, price, TOLERANCE_GRID)
-        methods[name] = _method(curve_for_choices(choices, scores, price, c_star, strong_idx), q_star, q_weak, two)
+        for k, sweep in enumerate(sweeps):
+            if sweep == "tolerance":
+                choices = choose_tolerance(pred, price, TOLERANCE_GRID)
+            else:
+                choices = choose_tradeoff(pred, price, TRADEOFF_GRID)
+            curve = curve_for_choices(choices, scores, price, c_star, strong_idx)
+            methods[name if k == 0 else f"{name}@{sweep}"] = _method(curve, q_star, q_weak, two)
 
     ratios = np.linspace(0.0, 1.0, 101)
     rq = (1 - ratios) * q_weak + ratios * q_star
@@ -386,6 +408,7 @@ def evaluate_router(
     *,
     config: RouterConfig | None = None,
     baselines: bool = False,
+    sweeps: Sequence[str] = ("tolerance",),
 ) -> EvalResult:
     """Fit the router on ``train`` and evaluate it on ``test`` with random and oracle;
     ``baselines`` adds the per-task table (reads test tasks) and the kNN baseline."""
@@ -393,7 +416,7 @@ def evaluate_router(
     if baselines:
         predictors["task_table"] = TaskTableBaseline().fit(train).predict_rows
         predictors["knn"] = KnnBaseline().fit(train).predict_rows
-    return evaluate_predictions(train, test, prices, predictors)
+    return evaluate_predictions(train, test, prices, predictors, sweeps=sweeps)
 
 
 def cv_folds(rows: Sequence[ScoreRow], folds: int = 5, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -456,6 +479,7 @@ def cross_validate(
     folds: int = 5,
     config: RouterConfig | None = None,
     baselines: bool = True,
+    sweeps: Sequence[str] = ("tolerance",),
     progress: Progress | None = None,
 ) -> CvResult:
     """K-fold cross-validation of the router (and baselines) on one table."""
@@ -464,5 +488,5 @@ def cross_validate(
         if progress:
             progress(f"fold {k + 1}/{folds}: fit on {len(tr)} rows, route {len(te)}")
         results.append(evaluate_router([rows[i] for i in tr], [rows[i] for i in te], prices,
-                                       config=config, baselines=baselines))
+                                       config=config, baselines=baselines, sweeps=sweeps))
     return CvResult(tuple(results))

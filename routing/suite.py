@@ -172,10 +172,10 @@ def extract_choice(answer: str, prompt: str = "") -> str | None:
     for pat in _CHOICE_PATTERNS:
         m = pat.search(text)
         if m:
-            return m.group(1).upper()
+            return str(m.group(1)).upper()
     if text and len(text) == 1 and text.upper() in "ABCDEFGHIJ":
         return text.upper()
-    options = {letter: _normalise(body) for letter, body in _OPTION_RE.findall(prompt)}
+    options: dict[str, str] = {str(letter): _normalise(str(body)) for letter, body in _OPTION_RE.findall(prompt)}
     said = _normalise(text)
     hits = [letter for letter, body in options.items() if body and re.search(
         r"(?<!\w)" + re.escape(body) + r"(?!\w)", said)]

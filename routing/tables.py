@@ -101,6 +101,8 @@ def messages_text(messages: Iterable[Message | Mapping[str, Any]]) -> str:
     """
     parts: list[str] = []
     for m in messages:
+        role: object
+        content: object
         if isinstance(m, Message):
             role, content = m.role, m.content
         else:
@@ -114,10 +116,6 @@ def messages_text(messages: Iterable[Message | Mapping[str, Any]]) -> str:
                 if isinstance(part, Mapping) and isinstance(part.get("text"), str):
                     parts.append(part["text"])
     return "\n".join(parts)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _parse_messages(value: object) -> tuple[Message, ...] | str:
@@ -172,9 +170,9 @@ def _parse_row(obj: object) -> ScoreRow | str:
     for model, value in scores.items():
         if not model:
             return f'row {rid!r}: "scores" has an empty model name'
-        if not _is_number(value) or not math.isfinite(float(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"row {rid!r}: score of {model!r} is not a number: {value!r}"
-        if not 0.0 <= float(value) <= 1.0:
+        if not 0.0 <= value <= 1.0:
             return f"row {rid!r}: score of {model!r} is out of [0, 1]: {value!r}"
         clean[model] = float(value)
     return ScoreRow(
@@ -248,7 +246,7 @@ def load_prices(path: str | Path) -> dict[str, ModelPrice]:
         values: list[float] = []
         for key in ("input_per_mtok", "output_per_mtok"):
             v = entry.get(key)
-            if not _is_number(v) or not math.isfinite(float(v)) or float(v) < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise TableError(f"{p}: {model!r}: {key!r} must be a non-negative number, got {v!r}")
             values.append(float(v))
         out[model] = ModelPrice(values[0], values[1])

@@ -45,7 +45,7 @@ def arithmetic(rng: random.Random) -> list[dict[str, Any]]:
         rows.append((f"What is {a} times {b}?", a * b))
     names = ["Tom", "Mia", "Sam", "Lena"]
     things = ["apples", "books", "pencils", "stickers"]
-    for name, thing in zip(names, things):
+    for name, thing in zip(names, things, strict=True):
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         rows.append((f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b))
     return [

@@ -109,8 +109,10 @@ def test_eval_json(capsys: pytest.CaptureFixture[str], tables: tuple[Path, Path,
 
 def test_eval_table_output(capsys: pytest.CaptureFixture[str], tables: tuple[Path, Path, Path]) -> None:
     train, test, prices = tables
-    rc, out = _run(capsys, ["eval", "--train", str(train), "--test", str(test), "--prices", str(prices)])
+    rc, out = _run(capsys, ["eval", "--train", str(train), "--test", str(test), "--prices", str(prices),
+                            "--sweep", "tradeoff"])
     assert rc == 0
+    assert "router swept over its tradeoff setting" in out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("method"))
     assert header.split() == ["method", "cost_at_95", "quality_at_best_cost", "apgr"]

@@ -53,6 +53,15 @@ def test_predicts_the_constructed_qualities(router: Router) -> None:
     assert router.predict_one(MATH_Q)["big"] > 0.9
 
 
+def test_fast_single_prompt_path_matches_the_batch_path(router: Router) -> None:
+    texts = [MATH_Q, OTHER_Q, "", "UPPER case Ünïcode words words words?\nA. one\nB. two",
+             " ".join([MATH_Q] * 2000)]  # long: cut to head and tail the same way
+    batch = router.predict(texts)
+    for i, t in enumerate(texts):
+        one = router.predict_one(t)
+        np.testing.assert_allclose([one[m] for m in router.models], batch[i], atol=1e-6)
+
+
 def test_cheapest_within_tolerance(router: Router) -> None:
     assert router.route(MATH_Q, ALL, Policy.cheapest_within(0.8)).model == "mathy"
     assert router.route(OTHER_Q, ALL, Policy.cheapest_within(0.8)).model == "wordy"
@@ -86,6 +95,16 @@ def test_cost_cap(router: Router) -> None:
         Policy(mode="best_under_cap")
     with pytest.raises(RoutingError, match="tolerance"):
         Policy.cheapest_within(1.5)
+
+
+def test_tradeoff_policy(router: Router) -> None:
+    assert router.route(MATH_Q, ALL, Policy.trade_off(0.0)).model == "big"  # best prediction
+    assert router.route(MATH_Q, ALL, Policy.trade_off(0.5)).model == "mathy"
+    assert router.route(OTHER_Q, ALL, Policy.trade_off(0.5)).model == "wordy"
+    d = router.route(OTHER_Q, ALL, Policy.trade_off(0.5))
+    assert "weight 0.5" in d.explain() and d.to_json()["policy"]["weight"] == 0.5
+    with pytest.raises(RoutingError, match="weight"):
+        Policy.trade_off(-1.0)
 
 
 def test_missing_price_is_an_error_naming_the_model(router: Router) -> None:

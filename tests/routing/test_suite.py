@@ -107,12 +107,15 @@ GOOD = json.dumps({"id": "a", "task": "t", "prompt": "2+2? Answer with just the 
         (json.dumps({"id": "b", "prompt": "p", "reference": 1, "scorer": "number"}), 'missing "task"'),
         (json.dumps({"id": "b", "task": "t", "reference": 1, "scorer": "number"}), 'neither "prompt" nor "messages"'),
         (json.dumps({"id": "b", "task": "t", "prompt": "p", "scorer": "number"}), 'missing "reference"'),
-        (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": 1, "scorer": "fuzzy"}), '"scorer" must be one of'),
-        (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": "many", "scorer": "number"}), "needs \"reference\" as a number"),
+        (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": 1, "scorer": "fuzzy"}),
+         '"scorer" must be one of'),
+        (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": "many", "scorer": "number"}),
+         'needs "reference" as a number'),
         (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": "BB", "scorer": "choice"}), "one letter"),
         (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": "(", "scorer": "regex"}), "bad regex"),
         (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": [], "scorer": "contains"}), "list of strings"),
-        (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": 1, "scorer": "number", "max_tokens": 0}), "max_tokens"),
+        (json.dumps({"id": "b", "task": "t", "prompt": "p", "reference": 1, "scorer": "number", "max_tokens": 0}),
+         "max_tokens"),
         (json.dumps({"id": "a", "task": "t", "prompt": "p", "reference": 1, "scorer": "number"}), "duplicate id"),
     ],
 )
@@ -128,7 +131,8 @@ def test_suite_messages_row(tmp_path: Path) -> None:
                                                            {"role": "user", "content": "Capital of France?"}],
                       "reference": ["Paris"], "scorer": "contains"})
     (r,) = load_suite(_suite(tmp_path, [row]))
-    assert r.request() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    assert r.request() == [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "Capital of France?"}]
     assert r.text == "Be brief.\nCapital of France?" and r.max_tokens == 64
     assert r.score("It's Paris.") == 1.0
 
