@@ -30,6 +30,9 @@ from runtime import ready_file
 from runtime.heap import freeze_startup_heap
 
 log = logging.getLogger("mesh.node")
+# How long a stopping node waits for requesters to take the last frames of finished
+# generations (they close the stream after the final frame).
+FLUSH_WAIT_S = 5.0
 
 
 class NodeStartError(Exception):
@@ -197,10 +200,12 @@ class NodeDaemon:
             svc.cancel_all()
             with trio.move_on_after(5):
                 await svc.admission.wait_idle()
-        # The last Final frames were written before the slots freed; a moment lets the muxer
-        # flush them before the host closes. (Entries' status streams never end by
-        # themselves, so waiting for all sessions would always wait out a timeout.)
-        await trio.sleep(0.2)
+        # The last frames were handed to the muxer before the slots freed, but a requester that
+        # reads slowly may not have received them yet: wait (bounded) until it closed each
+        # generation stream, which it does after the final frame. Status streams never end by
+        # themselves, so only streams that carried a generation are waited for.
+        with trio.move_on_after(FLUSH_WAIT_S):
+            await svc.wait_generation_streams_closed()
 
     # ---- control socket and state files -------------------------------------------------------
     def status_dict(self) -> dict:

@@ -120,6 +120,7 @@ class Session:
         self.lock = trio.Lock()
         self.closed = False
         self.abort = False  # end with a reset: the peer stalled, nothing it sends matters now
+        self.generated = False  # carried a generation: its peer closes it once it read the end
 
     async def send(self, *messages) -> None:
         async with self.lock:
@@ -172,6 +173,14 @@ class NodeService:
                 except Exception:
                     pass
 
+    async def wait_generation_streams_closed(self, poll: float = 0.05) -> None:
+        """Until every stream that carried a generation has ended. A requester closes its
+        stream once it has read the final frame; until then the frames may still sit in the
+        muxer's send window (a requester that reads slowly has not granted more), and closing
+        the host would lose them. Callers bound this with a timeout."""
+        while any(s.generated for s in self.sessions):
+            await trio.sleep(poll)
+
     # ---- stream handling ---------------------------------------------------------------------
     async def handle_stream(self, stream: ByteStream, remote: str) -> None:
         session = Session(stream, remote)
@@ -219,6 +228,7 @@ class NodeService:
             if isinstance(msg, StatusQuery):
                 await session.send(self.status())
             elif isinstance(msg, InferRequest):
+                session.generated = True
                 if not await self._run_request(session, reader, msg):
                     return
             elif isinstance(msg, Cancel):
