@@ -27,7 +27,9 @@ SLOTS = 2
 STREAMS = 10
 TOKENS = 100  # per request
 RATE = 200  # tok/s per stream: a request lasts ~0.5 s
-TRAFFIC_S = 20.0
+# Long enough that newcomers, routed to with a small share while unproven (entry/mesh/router.py
+# UNPROVEN_SHARE), get requests after the entry has found them.
+TRAFFIC_S = 30.0
 
 
 def node_args(bootstrap: str) -> tuple[str, ...]:
@@ -90,6 +92,11 @@ def test_mesh_survives_churn_under_traffic(tmp_path):
         procs += added
         for n in added:
             wait_ready_sync(n, 60)
+        # The newcomers must be routable at the entry while traffic still runs (observable
+        # state, bounded), not merely started.
+        deadline = time.monotonic() + 20
+        while ready_nodes(url) < NODES and time.monotonic() < deadline:
+            time.sleep(0.2)
 
         out, err = loadgen.communicate(timeout=TRAFFIC_S + 60)
         result = json.loads(out.strip().splitlines()[-1])
