@@ -28,7 +28,6 @@ Scorers and their ``reference``:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .tables import Message, _parse_messages, messages_text
+from .tables import Message, _parse_messages, messages_text, parse_jsonl_rows
 
 __all__ = [
     "SCORERS",
@@ -310,25 +309,7 @@ def _parse_suite_row(obj: object) -> SuiteRow | str:
 
 def parse_suite_lines(lines: Iterable[str], source: str = "<suite>") -> list[SuiteRow]:
     """Parse suite lines (blank lines skipped); ``source`` names them in errors."""
-    rows: list[SuiteRow] = []
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SuiteError(f"{source}:{lineno}: bad JSON: {e.msg} (column {e.colno})") from None
-        parsed = _parse_suite_row(obj)
-        if isinstance(parsed, str):
-            raise SuiteError(f"{source}:{lineno}: {parsed}")
-        if parsed.id in seen:
-            raise SuiteError(f"{source}:{lineno}: duplicate id {parsed.id!r} (first on line {seen[parsed.id]})")
-        seen[parsed.id] = lineno
-        rows.append(parsed)
-    if not rows:
-        raise SuiteError(f"{source}: no rows")
-    return rows
+    return parse_jsonl_rows(lines, source, _parse_suite_row, SuiteError)
 
 
 def builtin_suite_path(name: str = "basic") -> Path:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 __all__ = [
     "Message",
@@ -184,9 +184,20 @@ def _parse_row(obj: object) -> ScoreRow | str:
     )
 
 
-def parse_table_lines(lines: Iterable[str], source: str = "<table>") -> list[ScoreRow]:
-    """Parse score-table lines (blank lines skipped); ``source`` names them in errors."""
-    rows: list[ScoreRow] = []
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+R = TypeVar("R", bound=_HasId)
+
+
+def parse_jsonl_rows(lines: Iterable[str], source: str, parse_row: Callable[[Any], R | str],
+                     error: type[Exception]) -> list[R]:
+    """One JSON object per line (blank lines skipped), each parsed by ``parse_row`` (a row,
+    or a message saying what is wrong); ids must be unique. Every problem raises ``error``
+    naming ``source`` and the line number. Score tables and suites share this."""
+    rows: list[R] = []
     seen: dict[str, int] = {}
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -194,19 +205,22 @@ def parse_table_lines(lines: Iterable[str], source: str = "<table>") -> list[Sco
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TableError(f"{source}:{lineno}: bad JSON: {e.msg} (column {e.colno})") from None
-        parsed = _parse_row(obj)
+            raise error(f"{source}:{lineno}: bad JSON: {e.msg} (column {e.colno})") from None
+        parsed = parse_row(obj)
         if isinstance(parsed, str):
-            raise TableError(f"{source}:{lineno}: {parsed}")
+            raise error(f"{source}:{lineno}: {parsed}")
         if parsed.id in seen:
-            raise TableError(
-                f"{source}:{lineno}: duplicate id {parsed.id!r} (first on line {seen[parsed.id]})"
-            )
+            raise error(f"{source}:{lineno}: duplicate id {parsed.id!r} (first on line {seen[parsed.id]})")
         seen[parsed.id] = lineno
         rows.append(parsed)
     if not rows:
-        raise TableError(f"{source}: no rows")
+        raise error(f"{source}: no rows")
     return rows
+
+
+def parse_table_lines(lines: Iterable[str], source: str = "<table>") -> list[ScoreRow]:
+    """Parse score-table lines (blank lines skipped); ``source`` names them in errors."""
+    return parse_jsonl_rows(lines, source, _parse_row, TableError)
 
 
 def load_table(path: str | Path) -> list[ScoreRow]:
