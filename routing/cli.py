@@ -127,7 +127,7 @@ def add_route_commands(sub: Any) -> None:
             "Fit the router on --train, route every prompt of --test over a sweep of the "
             "cost/quality trade-off, and compare with random routing, the per-prompt oracle and "
             "the best single model: cost_at_95 (lowest cost, as a fraction of the best single "
-            "model's, reaching 95%% of its quality), quality_at_best_cost, and APGR for "
+            "model's, reaching 95 percent of its quality), quality_at_best_cost, and APGR for "
             "two-model tables. The cost of a call is the model's output price per 1M tokens."
         ),
     )

@@ -83,7 +83,6 @@ class TextFeaturizer:
             ngram_range=(1, 2), sublinear_tf=True, min_df=2,
             max_features=self.config.word_features, dtype=np.float32,
         )
-        self._svd = TruncatedSVD(self.config.svd_dims, random_state=0, n_iter=3)
         self._fmt_mean = np.zeros(N_FORMAT_FEATURES)
         self._fmt_scale = np.ones(N_FORMAT_FEATURES)
         # [vocabulary, dims]: word TF-IDF -> embedding (float32: half the memory traffic)
@@ -111,15 +110,15 @@ class TextFeaturizer:
         std = fmt.std(axis=0)
         self._fmt_scale = np.where(std > 1e-9, std, 1.0)
         dims = min(self.config.svd_dims, max(1, min(xw.shape) - 1))
-        if dims != self._svd.n_components:
-            self._svd = TruncatedSVD(dims, random_state=0, n_iter=3)
+        svd = TruncatedSVD(dims, random_state=0, n_iter=3)  # not kept: _proj holds what is used
         sample = xw
         if xw.shape[0] > self.config.svd_rows:
             pick = np.random.RandomState(0).choice(xw.shape[0], self.config.svd_rows, replace=False)
             sample = xw[np.sort(pick)]
-        self._svd.fit(sample)
-        self._proj = np.ascontiguousarray(np.asarray(self._svd.components_, dtype=np.float32).T)
-        self._vocab = {str(k): int(v) for k, v in self._word.vocabulary_.items()}
+        svd.fit(sample)
+        self._proj = np.ascontiguousarray(np.asarray(svd.components_, dtype=np.float32).T)
+        self._vocab = self._word.vocabulary_  # shared, so a saved router holds it once
+        self._word.stop_words_ = None  # the pruned terms: only for introspection, and huge
         self._idf = np.asarray(self._word.idf_, dtype=np.float64)
         emb = np.asarray(xw @ self._proj, dtype=np.float64)
         return self._stack(xw, fmt), _l2(emb)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from importlib import resources
@@ -328,10 +328,3 @@ def load_suite(path: str | Path | None = None) -> list[SuiteRow]:
     except UnicodeDecodeError as e:
         raise SuiteError(f"{p}: not UTF-8 text: {e.reason}") from None
 
-
-def suite_tasks(rows: Sequence[SuiteRow]) -> dict[str, int]:
-    """How many rows each task has (for reports)."""
-    out: dict[str, int] = {}
-    for r in rows:
-        out[r.task] = out.get(r.task, 0) + 1
-    return out
