@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .tables import Message, _parse_messages, messages_text, parse_jsonl_rows
+from .tables import Message, messages_text, parse_input, parse_jsonl_rows
 
 __all__ = [
     "SCORERS",
@@ -270,21 +270,10 @@ def _parse_suite_row(obj: object) -> SuiteRow | str:
     task = obj.get("task")
     if not isinstance(task, str) or not task:
         return f'row {rid!r}: missing "task" (a non-empty string)'
-    prompt: str | None = None
-    messages: tuple[Message, ...] | None = None
-    if "prompt" in obj and "messages" in obj:
-        return f'row {rid!r}: has both "prompt" and "messages"'
-    if "messages" in obj:
-        parsed = _parse_messages(obj["messages"])
-        if isinstance(parsed, str):
-            return f"row {rid!r}: {parsed}"
-        messages = parsed
-    elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
-        prompt = obj["prompt"]
-    elif "prompt" in obj:
-        return f'row {rid!r}: "prompt" must be a non-empty string'
-    else:
-        return f'row {rid!r}: has neither "prompt" nor "messages"'
+    given = parse_input(obj, rid, non_empty=True)
+    if isinstance(given, str):
+        return given
+    prompt, messages = given
     scorer = obj.get("scorer")
     if scorer not in SCORERS:
         return f'row {rid!r}: "scorer" must be one of {", ".join(SCORER_NAMES)}, got {scorer!r}'

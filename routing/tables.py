@@ -137,6 +137,28 @@ def _parse_messages(value: object) -> tuple[Message, ...] | str:
     return tuple(out)
 
 
+def parse_input(obj: Mapping[str, Any], rid: str, *, non_empty: bool
+                ) -> tuple[str | None, tuple[Message, ...] | None] | str:
+    """A row's input: exactly one of "prompt" (a string; ``non_empty`` for suites, which send
+    it) or "messages" -> (prompt, messages), or a message naming what is wrong. Score tables
+    and suites share it."""
+    if "prompt" in obj and "messages" in obj:
+        return f'row {rid!r}: has both "prompt" and "messages"'
+    if "messages" in obj:
+        parsed = _parse_messages(obj["messages"])
+        if isinstance(parsed, str):
+            return f"row {rid!r}: {parsed}"
+        return None, parsed
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str):
+            return f'row {rid!r}: "prompt" must be a {"non-empty " if non_empty else ""}string'
+        if non_empty and not prompt.strip():
+            return f'row {rid!r}: "prompt" must be a non-empty string'
+        return prompt, None
+    return f'row {rid!r}: has neither "prompt" nor "messages"'
+
+
 def _parse_row(obj: object) -> ScoreRow | str:
     """The row, or a description of what is wrong with it."""
     if not isinstance(obj, dict):
@@ -147,20 +169,10 @@ def _parse_row(obj: object) -> ScoreRow | str:
     task = obj.get("task")
     if task is not None and not isinstance(task, str):
         return f'row {rid!r}: "task" must be a string'
-    prompt = obj.get("prompt")
-    messages: tuple[Message, ...] | None = None
-    if "prompt" in obj and "messages" in obj:
-        return f'row {rid!r}: has both "prompt" and "messages"'
-    if "messages" in obj:
-        parsed = _parse_messages(obj["messages"])
-        if isinstance(parsed, str):
-            return f"row {rid!r}: {parsed}"
-        messages = parsed
-    elif "prompt" in obj:
-        if not isinstance(prompt, str):
-            return f'row {rid!r}: "prompt" must be a string'
-    else:
-        return f'row {rid!r}: has neither "prompt" nor "messages"'
+    given = parse_input(obj, rid, non_empty=False)
+    if isinstance(given, str):
+        return given
+    prompt, messages = given
     scores = obj.get("scores")
     if not isinstance(scores, dict):
         return f'row {rid!r}: missing "scores" (an object of model -> number)'
