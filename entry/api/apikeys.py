@@ -4,6 +4,10 @@ A key is 256 random bits, so a plain sha256 is enough to store it: there is noth
 brute-force that a slow password hash would protect. The plaintext is shown once, at
 creation. The CLI (`mesh entry keys ...`) and a running entry may share the file: the entry
 reads it per request, so a revoked key stops working at once.
+
+An operator key may also do what changes the entry for everyone (start a benchmark, which
+spends mesh capacity and refits the router every `auto` request uses); a plain key may only
+ask for completions and read.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 KEY_PREFIX = "mesh-"
@@ -29,9 +33,11 @@ CREATE TABLE IF NOT EXISTS api_keys (
     rpm INTEGER,
     tpm INTEGER,
     created REAL NOT NULL,
-    revoked REAL
+    revoked REAL,
+    operator INTEGER NOT NULL DEFAULT 0
 )
 """
+_COLUMNS = "id, name, hint, rpm, tpm, created, revoked, operator"
 
 
 class ApiKeyError(Exception):
@@ -47,6 +53,7 @@ class KeyInfo:
     tpm: int | None
     created: float
     revoked: float | None = None
+    operator: bool = False
 
     @property
     def active(self) -> bool:
@@ -76,6 +83,10 @@ class ApiKeyStore:
         self._db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        # Files made before operator keys existed gain the column; every old key stays a
+        # plain key.
+        if "operator" not in {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}:
+            self._db.execute("ALTER TABLE api_keys ADD COLUMN operator INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -86,7 +97,8 @@ class ApiKeyStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def create(self, name: str, *, rpm: int | None = None, tpm: int | None = None) -> tuple[KeyInfo, str]:
+    def create(self, name: str, *, rpm: int | None = None, tpm: int | None = None,
+               operator: bool = False) -> tuple[KeyInfo, str]:
         """A new key: (its record, the plaintext). The plaintext is not stored anywhere."""
         name = name.strip()
         if not name or len(name) > 100:
@@ -97,26 +109,26 @@ class ApiKeyStore:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
         cur = self._db.execute(
-            "INSERT INTO api_keys (name, hash, hint, rpm, tpm, created) VALUES (?, ?, ?, ?, ?, ?)",
-            (name, _hash(key), key[: len(KEY_PREFIX) + 4], rpm, tpm, now),
+            "INSERT INTO api_keys (name, hash, hint, rpm, tpm, created, operator) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, _hash(key), key[: len(KEY_PREFIX) + 4], rpm, tpm, now, int(operator)),
         )
-        return KeyInfo(cur.lastrowid, name, key[: len(KEY_PREFIX) + 4], rpm, tpm, now), key
+        return KeyInfo(cur.lastrowid, name, key[: len(KEY_PREFIX) + 4], rpm, tpm, now, None, operator), key
 
     def list(self, *, include_revoked: bool = True) -> list[KeyInfo]:
-        sql = "SELECT id, name, hint, rpm, tpm, created, revoked FROM api_keys"
+        sql = f"SELECT {_COLUMNS} FROM api_keys"
         if not include_revoked:
             sql += " WHERE revoked IS NULL"
-        return [KeyInfo(*row) for row in self._db.execute(sql + " ORDER BY id")]
+        return [_info(row) for row in self._db.execute(sql + " ORDER BY id")]
 
     def revoke(self, key_id: int) -> KeyInfo:
-        row = self._db.execute("SELECT id, name, hint, rpm, tpm, created, revoked FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
             raise ApiKeyError(f"no key with id {key_id}")
-        info = KeyInfo(*row)
+        info = _info(row)
         if info.revoked is None:
             now = time.time()
             self._db.execute("UPDATE api_keys SET revoked = ? WHERE id = ?", (now, key_id))
-            info = KeyInfo(*row[:6], now)
+            info = replace(info, revoked=now)
         return info
 
     def verify(self, presented: str) -> KeyInfo | None:
@@ -125,10 +137,14 @@ class ApiKeyStore:
             return None
         digest = _hash(presented)
         row = self._db.execute(
-            "SELECT id, name, hint, rpm, tpm, created, revoked, hash FROM api_keys WHERE hash = ?", (digest,)
+            f"SELECT {_COLUMNS}, hash FROM api_keys WHERE hash = ?", (digest,)
         ).fetchone()
         # The lookup is by a hash of the secret, which leaks nothing through timing; the
         # constant-time compare guards against an index that matched loosely.
-        if row is None or not hmac.compare_digest(row[7], digest) or row[6] is not None:
+        if row is None or not hmac.compare_digest(row[8], digest) or row[6] is not None:
             return None
-        return KeyInfo(*row[:7])
+        return _info(row[:8])
+
+
+def _info(row: tuple) -> KeyInfo:
+    return KeyInfo(*row[:7], bool(row[7]))

@@ -515,8 +515,9 @@ class _Handlers:
 
     # --- access -------------------------------------------------------------------------------
 
-    def authenticate(self, request: Request) -> tuple[str, int | None, int | None]:
-        """(rate-limit subject, rpm, tpm) of the caller."""
+    def authenticate(self, request: Request, *, operator: bool = False) -> tuple[str, int | None, int | None]:
+        """(rate-limit subject, rpm, tpm) of the caller. operator: the call changes the entry
+        for everyone, so a plain key gets 403 (open mode has no keys: anyone may)."""
         if self.s.open_mode:
             return OPEN_SUBJECT, None, None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -527,6 +528,10 @@ class _Handlers:
         info = self.s.keys.verify(token)
         if info is None:
             raise ApiError(401, "invalid or revoked API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if operator and not info.operator:
+            raise ApiError(403, "this needs an operator key (`mesh entry keys create --operator`): it spends mesh "
+                                "capacity and changes routing for every user", type="permission_error",
+                           code="operator_key_required")
         return f"key:{info.id}", info.rpm, info.tpm
 
     async def read_json(self, request: Request) -> dict:
@@ -690,7 +695,7 @@ class _Handlers:
         shipped basic suite) through this API, then refit the router. Answers a run id."""
         from routing.suite import SuiteError, load_suite, parse_suite_lines
 
-        self.authenticate(request)
+        self.authenticate(request, operator=True)
         body = await self.read_json(request)
         unknown = sorted(set(body) - {"suite", "models", "concurrency"})
         if unknown:
@@ -728,7 +733,7 @@ class _Handlers:
         return JSONResponse(run.to_json(), status_code=202)
 
     async def get_benchmark(self, request: Request) -> Response:
-        self.authenticate(request)
+        self.authenticate(request, operator=True)
         run = self.benchmarks.runs.get(request.path_params["run_id"])
         if run is None:
             raise ApiError(404, "no such benchmark run (runs are kept until the entry restarts)", code="not_found")

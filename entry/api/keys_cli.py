@@ -20,6 +20,8 @@ def add_keys_parser(subparsers) -> None:
     c.add_argument("--name", required=True, help="what the key is for, e.g. who holds it")
     c.add_argument("--rpm", type=_positive_int, help="requests per minute allowed (default: the entry's default limit)")
     c.add_argument("--tpm", type=_positive_int, help="tokens per minute allowed, prompt + completion (default: the entry's default limit)")
+    c.add_argument("--operator", action="store_true",
+                   help="an operator key: may also start benchmarks (`mesh entry benchmark`), which refit routing for everyone")
     db_arg(c)
     c.set_defaults(func=cmd_create)
 
@@ -79,8 +81,9 @@ def _limit(v) -> str:
 
 def cmd_create(args: argparse.Namespace) -> int:
     def action(store):
-        info, key = store.create(args.name, rpm=args.rpm, tpm=args.tpm)
-        print(f"created key {info.id} ({info.name}); requests/min: {_limit(info.rpm)}, tokens/min: {_limit(info.tpm)}")
+        info, key = store.create(args.name, rpm=args.rpm, tpm=args.tpm, operator=args.operator)
+        kind = "operator key" if info.operator else "key"
+        print(f"created {kind} {info.id} ({info.name}); requests/min: {_limit(info.rpm)}, tokens/min: {_limit(info.tpm)}")
         print("store it now, it is not shown again:")
         print(key)
         return 0
@@ -93,14 +96,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         keys = store.list()
         if args.json:
             print(json.dumps([{"id": k.id, "name": k.name, "hint": k.hint, "rpm": k.rpm, "tpm": k.tpm,
-                               "created": k.created, "revoked": k.revoked} for k in keys], indent=2))
+                               "created": k.created, "revoked": k.revoked, "operator": k.operator} for k in keys], indent=2))
             return 0
         if not keys:
             print("no keys")
             return 0
-        rows = [("ID", "NAME", "KEY", "RPM", "TPM", "CREATED", "STATE")]
+        rows = [("ID", "NAME", "KEY", "ROLE", "RPM", "TPM", "CREATED", "STATE")]
         for k in keys:
-            rows.append((str(k.id), k.name, k.hint + "…", _limit(k.rpm), _limit(k.tpm),
+            rows.append((str(k.id), k.name, k.hint + "…", "operator" if k.operator else "user", _limit(k.rpm), _limit(k.tpm),
                          time.strftime("%Y-%m-%d %H:%M", time.localtime(k.created)),
                          "active" if k.active else "revoked " + time.strftime("%Y-%m-%d %H:%M", time.localtime(k.revoked))))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -48,3 +48,24 @@ def test_keys_list_and_revoke_are_seen_by_another_connection(tmp_path):
 def test_key_create_rejects_bad_input(tmp_path, name, kw):
     with ApiKeyStore(tmp_path / "k.db") as store, pytest.raises(ApiKeyError):
         store.create(name, **kw)
+
+
+def test_operator_keys_and_a_file_from_before_they_existed(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "keys.db"
+    old = sqlite3.connect(path)  # the schema as it was before operator keys
+    old.execute("CREATE TABLE api_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, hash TEXT NOT NULL"
+                " UNIQUE, hint TEXT NOT NULL, rpm INTEGER, tpm INTEGER, created REAL NOT NULL, revoked REAL)")
+    old.execute("INSERT INTO api_keys (name, hash, hint, created) VALUES ('old', 'h', 'mesh-abcd', 1.0)")
+    old.commit()
+    old.close()
+    with ApiKeyStore(path) as store:
+        (legacy,) = store.list()
+        assert legacy.name == "old" and not legacy.operator
+        op, op_key = store.create("ops", operator=True)
+        plain, plain_key = store.create("user")
+        assert store.verify(op_key).operator and not store.verify(plain_key).operator
+        assert store.revoke(op.id).operator
+    with ApiKeyStore(path) as again:  # the column is added once, not again
+        assert [k.operator for k in again.list()] == [False, True, False]

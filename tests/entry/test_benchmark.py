@@ -133,3 +133,29 @@ async def test_cli_runs_a_benchmark_against_a_running_entry(tmp_path):
     assert run["status"] == "done" and run["summary"]["tasks"]["meet"] == {"big": 1.0, "small": 0.0}
     assert "12/12" in p.stderr.decode()
     assert auto.status.rows == 6
+
+
+async def test_only_an_operator_key_starts_or_reads_a_benchmark(tmp_path):
+    from entry.api.apikeys import ApiKeyStore
+
+    keys = ApiKeyStore(tmp_path / "keys.db")
+    _, plain = keys.create("user")
+    _, operator = keys.create("ops", operator=True)
+    auto = AutoRouting(parse_routing({}), {}, tmp_path / "routing")
+    with trio.fail_after(60):
+        async with running_api(TwoModels(models_list=[SMALL, BIG]), open_mode=False, keys=keys, auto=auto) as api:
+            def auth(key: str) -> dict:
+                return {"Authorization": f"Bearer {key}"}
+
+            refused = await api.client.post("/v1/mesh/benchmark", json={"suite": suite_text()}, headers=auth(plain))
+            started = await api.client.post("/v1/mesh/benchmark", json={"suite": suite_text()}, headers=auth(operator))
+            run_id = started.json()["id"]
+            peek = await api.client.get(f"/v1/mesh/benchmark/{run_id}", headers=auth(plain))
+            while (await api.client.get(f"/v1/mesh/benchmark/{run_id}", headers=auth(operator))).json()["status"] == "running":
+                await trio.sleep(0.05)  # bounded by fail_after
+    keys.close()
+    assert refused.status_code == 403
+    assert refused.json()["error"]["type"] == "permission_error"
+    assert refused.json()["error"]["code"] == "operator_key_required"
+    assert started.status_code == 202 and peek.status_code == 403
+    assert auto.status.rows == 6
