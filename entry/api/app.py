@@ -9,6 +9,8 @@ asked what.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -512,6 +514,7 @@ class _Handlers:
         self.webchat = {p.name: p.read_bytes() for p in WEBCHAT_DIR.glob("*") if p.suffix in _WEBCHAT_TYPES}
         self.route_limiter = trio.CapacityLimiter(2)
         self.benchmarks = BenchmarkRunner(s.auto)
+        self.queue_secret = secrets.token_bytes(32)
 
     # --- access -------------------------------------------------------------------------------
 
@@ -561,9 +564,11 @@ class _Handlers:
         subject, rpm, tpm = self.authenticate(request)
         body = await self.read_json(request)
         plan = parse(body, mix_seed=self.s.seeds.for_subject(subject))
+        # Fair turns in the entry's queue per API key. Opaque (keyed with a secret of this
+        # process), so not even the key's id travels with the spec; the relay never sends it on.
+        queue_key = hmac.new(self.queue_secret, subject.encode(), hashlib.sha256).hexdigest()[:24]
         for spec in plan.specs:
-            # Fair turns in the entry's queue per API key; the relay never sends it on.
-            spec.queue_key = subject
+            spec.queue_key = queue_key
         try:
             opts = parse_route_options(body)
         except RouteRequestError as e:
