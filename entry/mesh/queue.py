@@ -4,7 +4,9 @@ Users with a batch script expect every request to complete, later, not a 503 aft
 seconds. So a request that finds no free slot (router.pick) waits in its model's queue, and is
 handed a slot the moment one frees. Bounds keep that honest:
 - `max_waiting` requests in all queues together: past it a request is refused at once (503,
-  reason "full"); an entry must not hold unbounded connections for a mesh that cannot keep up;
+  reason "full"); an entry must not hold unbounded connections for a mesh that cannot keep up.
+  A full queue still takes a request from a key holding fewer places than the key holding the
+  most: that key's newest waiter is refused instead, so one key cannot lock the others out;
 - `wait` seconds per request: past it the request is refused (503, reason "expired") rather
   than held until the client's own timeout, which it could not tell from a hung entry.
 
@@ -176,10 +178,11 @@ class AdmissionQueue:
         if not self.may_serve_later(sha256, exclude):
             raise MeshUnavailable("no node can serve this model now", retry_after=self.retry_after)
         if not priority and self.waiting() >= self.max_waiting:
-            self._reject(sha256, FULL)
-            raise MeshUnavailable(f"all nodes for this model are busy and the entry's queue is full "
-                                  f"({self.max_waiting} requests waiting)", retry_after=self.retry_after,
-                                  code="queue_full")
+            victim = self._evictable(key)
+            if victim is None:
+                self._reject(sha256, FULL)
+                raise self._full()
+            self._evict(victim)
         if q is None:
             q = self._queues[sha256] = _ModelQueue()
         w = _Waiter(key, set(exclude), trio.current_time(), priority)
@@ -211,6 +214,34 @@ class AdmissionQueue:
             if w.node is not None and not taken:
                 # Cancelled (client gone) in the instant a slot was handed to it: pass it on.
                 self.view.release(w.node)
+
+    def _full(self) -> MeshUnavailable:
+        return MeshUnavailable(f"all nodes for this model are busy and the entry's queue is full "
+                               f"({self.max_waiting} requests waiting)", retry_after=self.retry_after, code="queue_full")
+
+    def _evictable(self, key: str) -> tuple[str, _ModelQueue, _Waiter] | None:
+        """When the queue is full: the newest waiter of the key holding the most places, if it
+        holds more than `key` would with this request. So one key flooding the queue cannot
+        lock the others out: the flood loses its newest places to their requests instead."""
+        held: dict[str, int] = {}
+        newest: dict[str, tuple[str, _ModelQueue, _Waiter]] = {}
+        for sha, q in self._queues.items():
+            for k, waiters in q.by_key.items():
+                held[k] = held.get(k, 0) + len(waiters)
+                w = waiters[-1]
+                if k not in newest or w.since >= newest[k][2].since:
+                    newest[k] = (sha, q, w)
+        if not held:
+            return None
+        top = max(held, key=lambda k: held[k])
+        return newest[top] if held[top] > held.get(key, 0) + 1 else None
+
+    def _evict(self, victim: tuple[str, _ModelQueue, _Waiter]) -> None:
+        sha, q, w = victim
+        q.remove(w)
+        self._reject(sha, FULL)
+        w.error = self._full()
+        w.ready.set()
 
     def _reject(self, sha256: str, reason: str) -> None:
         self.rejected[reason] += 1

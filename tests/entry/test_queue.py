@@ -129,14 +129,32 @@ async def test_a_full_queue_refuses_at_once_but_never_a_retry():
     rec = Recorder(view, queue)
     async with trio.open_nursery() as nursery:
         await rec.submit(nursery, "A0", "key-a")
-        await rec.submit(nursery, "A1", "key-a")
-        await rec.submit(nursery, "B0", "key-b")  # refused: two are waiting
-        e = rec.errors["B0"]
-        assert e.code == "queue_full" and e.retry_after == 3.0 and "queue is full" in str(e)
+        await rec.submit(nursery, "B0", "key-b")
+        await rec.submit(nursery, "A1", "key-a")  # refused: two are waiting, one per key
+        await rec.submit(nursery, "C0", "key-c")  # likewise: nobody holds more than a fair share
+        for name in ("A1", "C0"):
+            e = rec.errors[name]
+            assert e.code == "queue_full" and e.retry_after == 3.0 and "queue is full" in str(e)
         await rec.submit(nursery, "retry", "key-b", priority=True)  # it holds a user's stream already
-        assert queue.waiting() == 3 and queue.rejected["full"] == 1
+        assert queue.waiting() == 3 and queue.rejected["full"] == 2
         view.release(held)
-    assert rec.order == ["retry", "A0", "A1"]
+    assert rec.order == ["retry", "A0", "B0"]
+
+
+async def test_a_key_flooding_a_full_queue_loses_its_newest_place_to_another_key():
+    n = proven(node("a", slots=1))
+    view, queue = setup(n, max_waiting=3)
+    held = await queue.acquire(SHA, "x", set())
+    rec = Recorder(view, queue)
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            await rec.submit(nursery, f"A{i}", "key-a")
+        await rec.submit(nursery, "B0", "key-b")
+        assert rec.errors["A2"].code == "queue_full" and queue.waiting() == 3
+        await rec.submit(nursery, "A3", "key-a")  # its own key is at its share: refused
+        assert "A3" in rec.errors and queue.rejected["full"] == 2
+        view.release(held)
+    assert rec.order == ["A0", "B0", "A1"]
 
 
 async def test_a_wait_past_the_bound_is_refused():

@@ -78,12 +78,12 @@ async def test_a_full_queue_answers_503_with_retry_after_in_openais_shape(tmp_pa
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await hold_the_slot(mesh, nursery, results)
-                for i in range(2):
-                    nursery.start_soon(post, mesh, results, "a", f"A{i}")
-                await wait_until(lambda: mesh.backend.queue.waiting() == 2, what="two queued")
+                for i, key in enumerate("ab"):  # one waiting per key: the queue is full and fairly shared
+                    nursery.start_soon(post, mesh, results, key, f"{key}0")
+                    await wait_until(lambda: mesh.backend.queue.waiting() == i + 1, what=f"{key}0 queued")
                 for stream in (False, True):
-                    async with mesh.client("b") as c:
-                        r = await c.post("/v1/chat/completions", json=chat("B0", stream=stream))
+                    async with mesh.client("a") as c:
+                        r = await c.post("/v1/chat/completions", json=chat("a1", stream=stream))
                     assert r.status_code == 503 and r.headers["retry-after"] == "4"
                     assert r.headers["content-type"] == "application/json"
                     assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "server_error",
@@ -91,8 +91,8 @@ async def test_a_full_queue_answers_503_with_retry_after_in_openais_shape(tmp_pa
                     assert "queue is full" in r.json()["error"]["message"]
                 assert await metric(mesh, "mesh_queue_rejected_total", model=MODEL, reason="full") == 2
                 eng.release.set()
-        assert [results[k].status_code for k in (HOLD, "A0", "A1")] == [200, 200, 200]
-        assert "B0" not in eng.started
+        assert [results[k].status_code for k in (HOLD, "a0", "b0")] == [200, 200, 200]
+        assert "a1" not in eng.started
 
 
 async def test_a_request_that_waited_past_queue_wait_gets_503(tmp_path):
