@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     s.add_argument("--sse-write-timeout", type=float, help="seconds a streaming client may read nothing before its "
                    "generation is cancelled (default 10)")
     s.add_argument("--queue-wait", type=float, help="seconds a request may wait in the entry's queue when every node "
-                   "of its model is busy, before it gets 503 + Retry-After (default 60; the queue is fair across API "
+                   "of its model is busy, before it gets 503 + Retry-After (default 300; the queue is fair across API "
                    "keys: round robin between keys, first come first served within one)")
     s.add_argument("--queue-max", type=int, help="most requests waiting in the queue, all models together; one more "
                    "gets 503 + Retry-After at once (default 256; 0 = no queue)")

@@ -28,7 +28,7 @@ class EntryConfig:
     sse_write_timeout: float = 10.0  # a streaming client that reads nothing this long loses its generation
     # When every node of a model is busy a request waits in the entry's queue (fair across API
     # keys) up to queue_wait seconds; at most queue_max requests wait, all models together.
-    queue_wait: float = 60.0
+    queue_wait: float = 300.0
     queue_max: int = 256
     log_format: str = "text"
     log_level: str = "info"

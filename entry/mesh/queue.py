@@ -123,7 +123,7 @@ class AdmissionQueue:
     registry (None: the queue keeps no histograms, only its own counts)."""
 
     def __init__(self, view: MeshView, *, pick: Callable[[str, set[str]], NodeState | None],
-                 may_serve_later: Callable[[str, set[str]], bool], wait: float = 60.0, max_waiting: int = 256,
+                 may_serve_later: Callable[[str, set[str]], bool], wait: float = 300.0, max_waiting: int = 256,
                  retry_after: float = 2.0, model_id: Callable[[str], str] | None = None, metrics=None):
         if not wait > 0:
             raise ValueError("the queue wait must be > 0 seconds")

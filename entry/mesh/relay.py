@@ -65,7 +65,8 @@ class MeshBackendConfig:
     token_timeout: float = 10.0  # longest silence between tokens (and before the final frame)
     # How long a request may wait in the entry's queue for a free slot before 503 (--queue-wait),
     # and how many may wait at once, all models together (--queue-max): entry/mesh/queue.py.
-    admission_wait: float = 60.0
+    # 300: a burst of 200 against 2 CPU nodes takes over a minute to drain (BENCHMARKS.md, burst).
+    admission_wait: float = 300.0
     queue_max: int = 256
     dial_timeout: float = 5.0
     cancel_timeout: float = 2.0  # bound on telling a node to stop when the consumer left
