@@ -246,3 +246,34 @@ def test_the_queue_key_never_reaches_a_node():
                           queue_key="key:secret-key-id")
     wire = repr(to_wire(build_request(spec, SHA)))
     assert "secret-key-id" not in wire and "queue" not in wire
+
+
+def test_queue_bounds_come_from_flags_or_the_config_file(tmp_path):
+    import argparse
+
+    from entry import cli
+    from entry.config import load_entry_config
+
+    (tmp_path / "entry.toml").write_text("[entry]\nqueue_wait = 45.5\nqueue_max = 10\n")
+    cfg = load_entry_config(str(tmp_path / "entry.toml"), {})
+    assert (cfg.queue_wait, cfg.queue_max) == (45.5, 10)
+    assert load_entry_config(None, {}).queue_wait == 300.0 and load_entry_config(None, {}).queue_max == 256
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["entry", "start", "--queue-wait", "5", "--queue-max", "0"])
+    cfg = load_entry_config(str(tmp_path / "entry.toml"), {k: getattr(args, k) for k in cli._START_KEYS})
+    assert (cfg.queue_wait, cfg.queue_max) == (5.0, 0)
+    for bad in ({"queue_wait": 0}, {"queue_max": -1}):
+        with pytest.raises(ValueError, match="--queue-"):
+            load_entry_config(None, bad)
+
+
+async def test_a_zero_size_queue_refuses_at_once_when_every_slot_is_busy():
+    n = proven(node("a", slots=1))
+    view, queue = setup(n, max_waiting=0)
+    held = await queue.acquire(SHA, "x", set())
+    with trio.fail_after(1), pytest.raises(MeshUnavailable) as err:
+        await queue.acquire(SHA, "key-a", set())
+    assert err.value.code == "queue_full"
+    view.release(held)
+    assert (await queue.acquire(SHA, "key-a", set())) is n  # a free slot needs no queue
