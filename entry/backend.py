@@ -26,6 +26,9 @@ class GenerationSpec:
     prompt: str = ""
     logprobs: bool = False
     top_logprobs: int = 0
+    # Whose turn it is in the entry's queue (entry/mesh/queue.py): an opaque id per API key,
+    # set by the API. It stays in the entry: nodes must never learn who asked.
+    queue_key: str = ""
 
 
 @dataclass
@@ -70,11 +73,13 @@ class ModelEntry:
 
 
 class MeshUnavailable(Exception):
-    """No node can serve this now (maps to HTTP 503 with Retry-After)."""
+    """No node can serve this now (maps to HTTP 503 with Retry-After). `code` is the error
+    code clients see: "mesh_unavailable", or the queue's "queue_full" / "queue_timeout"."""
 
-    def __init__(self, message: str, retry_after: float = 2.0):
+    def __init__(self, message: str, retry_after: float = 2.0, code: str = "mesh_unavailable"):
         super().__init__(message)
         self.retry_after = retry_after
+        self.code = code
 
 
 class UnknownModel(Exception):

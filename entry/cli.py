@@ -11,7 +11,7 @@ from runtime.logs import add_logging_args
 
 _START_KEYS = ("http_host", "http_port", "listen_host", "p2p_port", "bootstrap", "identity", "state_dir", "keys_db",
                "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "sse_write_timeout",
-               "log_format", "log_level", "ledger", "verify_model", "verify_rate", "canary_interval", "routing_table")
+               "queue_wait", "queue_max", "log_format", "log_level", "ledger", "verify_model", "verify_rate", "canary_interval", "routing_table")
 
 
 def add_parser(sub) -> None:
@@ -44,6 +44,11 @@ def add_parser(sub) -> None:
     s.add_argument("--token-timeout", type=float, help="longest silence between tokens before failing over (default 10)")
     s.add_argument("--sse-write-timeout", type=float, help="seconds a streaming client may read nothing before its "
                    "generation is cancelled (default 10)")
+    s.add_argument("--queue-wait", type=float, help="seconds a request may wait in the entry's queue when every node "
+                   "of its model is busy, before it gets 503 + Retry-After (default 300; the queue is fair across API "
+                   "keys: round robin between keys, first come first served within one)")
+    s.add_argument("--queue-max", type=int, help="most requests waiting in the queue, all models together; one more "
+                   "gets 503 + Retry-After at once (default 256; 0 = no queue)")
     s.add_argument("--ledger", help="credits database (SQLite; default: STATE_DIR/credits.db)")
     s.add_argument("--verify-model", action="append", metavar="PATH",
                    help="GGUF file to verify nodes serving the same file (same sha256) against (repeatable); "

@@ -26,6 +26,10 @@ class EntryConfig:
     first_token_timeout: float = 60.0
     token_timeout: float = 10.0
     sse_write_timeout: float = 10.0  # a streaming client that reads nothing this long loses its generation
+    # When every node of a model is busy a request waits in the entry's queue (fair across API
+    # keys) up to queue_wait seconds; at most queue_max requests wait, all models together.
+    queue_wait: float = 300.0
+    queue_max: int = 256
     log_format: str = "text"
     log_level: str = "info"
     # Verification and credits (entry/verify/verifier.py, entry/credits/ledger.py)
@@ -74,6 +78,10 @@ class EntryConfig:
             raise ValueError("--max-body-bytes must be at least 1024")
         if self.first_token_timeout <= 0 or self.token_timeout <= 0 or self.sse_write_timeout <= 0:
             raise ValueError("timeouts must be > 0")
+        if not self.queue_wait > 0:
+            raise ValueError("--queue-wait must be > 0")
+        if self.queue_max < 0:
+            raise ValueError("--queue-max must be >= 0 (0: no queue, a request finding every node busy gets 503 at once)")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ValueError("--verify-rate must be in [0, 1]")
         if self.canary_interval < 0:

@@ -41,7 +41,8 @@ class EntryDaemon:
         keys = None if cfg.open else ApiKeyStore(cfg.keys_path())
         if keys is not None and not keys.list():
             log.warning("no API keys exist yet: create one with `mesh entry keys create --name NAME`, or start with --open")
-        backend_cfg = MeshBackendConfig(first_token_timeout=cfg.first_token_timeout, token_timeout=cfg.token_timeout)
+        backend_cfg = MeshBackendConfig(first_token_timeout=cfg.first_token_timeout, token_timeout=cfg.token_timeout,
+                                        admission_wait=cfg.queue_wait, queue_max=cfg.queue_max)
         metrics = Metrics()
         ledger = Ledger(cfg.ledger_path())
         verifier = Verifier(ledger=ledger, metrics=metrics, config=VerifierConfig(rate=cfg.verify_rate))
@@ -64,7 +65,8 @@ class EntryDaemon:
         cfg = self.cfg
         async with open_mesh_host(identity, listen_host=cfg.listen_host, listen_port=cfg.p2p_port,
                                   bootstrap=cfg.bootstrap) as host:
-            async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done) as backend, \
+            async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done,
+                                         metrics=metrics) as backend, \
                     open_providers(cfg.providers) as providers:
                 auto = AutoRouting(cfg.routing, providers, cfg.routing_dir(),
                                    None if cfg.routing_table is None else Path(cfg.routing_table),

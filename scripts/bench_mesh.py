@@ -17,6 +17,10 @@ Sections (all by default; --only picks some):
             oracle, the best single model, a per-task table and kNN) and the decision latency
   failover  the longest pause a streaming client sees when the serving node is SIGKILLed
             (synthetic nodes at --failover-rate tok/s)
+  burst     bursts of 40 and 200 concurrent chat requests (max_tokens 32) against an entry and
+            2 single-slot nodes (synthetic; --burst-real: also the bundled model): completed
+            and failed (target 0: the entry queues what the nodes cannot take yet), p50/p99
+            latency, and /health latency during the burst (is the entry still responsive?)
   scale     a many-node mesh (synthetic nodes as separate processes, real libp2p DHT on
             127.0.0.1): grown to 5, 10, 30 nodes (--scale-sizes): time until every node is
             discovered, RSS per node, DHT lookup latency from a fresh client; then traffic while
@@ -606,6 +610,117 @@ def section_failover(args) -> dict:
     return res
 
 
+def burst_once(url: str, model: str, n: int, max_tokens: int, limit: float) -> dict:
+    """n chat requests sent at once (non-streaming), while /health is asked every 50 ms:
+    completed / failed, latency percentiles, /health latency during the burst."""
+    import httpx
+    import trio
+
+    async def main() -> dict:
+        lat: list[float] = []
+        errors: dict[str, int] = {}
+        health: list[float] = []
+        done = trio.Event()
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": "Tell me a short story about a lighthouse."}]}
+
+        async def one(client: httpx.AsyncClient, i: int) -> None:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/chat/completions", json={**body, "seed": i})
+                ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+                what = "ok" if ok else f"HTTP {r.status_code}: {r.text[:120]}"
+            except httpx.HTTPError as e:
+                what = f"{type(e).__name__}: {e}"[:160]
+            if what == "ok":
+                lat.append(time.perf_counter() - t0)
+            else:
+                errors[what] = errors.get(what, 0) + 1
+
+        async def probe() -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as hc:
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        await hc.get("/health")
+                        health.append(time.perf_counter() - t0)
+                    except httpx.HTTPError:
+                        health.append(float("inf"))
+                    with trio.move_on_after(0.05):
+                        await done.wait()
+
+        limits = httpx.Limits(max_connections=n + 1, max_keepalive_connections=n + 1)
+        t0 = time.perf_counter()
+        with trio.move_on_after(limit):
+            async with httpx.AsyncClient(base_url=url, timeout=limit, limits=limits) as client:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(probe)
+                    async with trio.open_nursery() as reqs:
+                        for i in range(n):
+                            reqs.start_soon(one, client, i)
+                    done.set()
+        wall = time.perf_counter() - t0
+        failed = n - len(lat)
+        ms = [x * 1000 for x in lat]
+        hms = [x * 1000 for x in health]
+        return {"requests": n, "completed": len(lat), "failed": failed, "errors": errors, "wall_s": round(wall, 2),
+                "latency_ms_p50": _r(pct(ms, 50)), "latency_ms_p99": _r(pct(ms, 99)), "latency_ms_max": _r(max(ms, default=None)),
+                "health_probes": len(hms), "health_ms_p50": _r(pct(hms, 50)), "health_ms_p99": _r(pct(hms, 99)),
+                "health_ms_max": _r(max(hms, default=None))}
+
+    return trio.run(main)
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+def section_burst(args) -> dict:
+    """Bursts of concurrent chat requests against a `mesh demo`-like mesh: an entry (open, no
+    rate limits, default queue bounds unless --burst-queue-wait) and 2 single-slot nodes."""
+    sizes = [int(x) for x in args.burst_sizes.split(",")]
+    say(f"[burst] {', '.join(map(str, sizes))} concurrent chat requests (max_tokens {args.burst_tokens}) "
+        f"against an entry + 2 nodes (1 slot each)")
+    res: dict = {"sizes": sizes, "max_tokens": args.burst_tokens, "queue_wait": args.burst_queue_wait, "runs": []}
+    entry_args = ("--queue-wait", str(args.burst_queue_wait)) if args.burst_queue_wait else ()
+    kinds = [("synthetic", f"{args.burst_rate:g} tok/s")]
+    if args.burst_real:
+        kinds.append(("SmolLM2", "bundled model, 1 thread per node"))
+    for kind, detail in kinds:
+        with mesh(False, args.keep) as m:
+            m.start_entry(*entry_args)
+            if kind == "synthetic":
+                model = "synth-burst"
+                m.add_nodes(2, model, rate=args.burst_rate, slots=1, queue=8)
+            else:
+                from engine.model_file import bundled_model_path
+
+                path = Path(args.model) if args.model else bundled_model_path()
+                model = path.name.removesuffix(".gguf")
+                for _ in range(2):
+                    m._n += 1
+                    node = Proc(m.tmp, f"node{m._n:03d}", ["node", "start", "--model", str(path), "--threads", "1",
+                                                            "--bootstrap", m.bootstrap, "--log-level", "info"])
+                    m.nodes.append(node)
+                    node.ready(180)
+            m.wait_ready_count(model, 2, 60)
+            for n in (sizes if kind == "synthetic" else [int(x) for x in (args.burst_real_sizes or args.burst_sizes).split(",")]):
+                e0, w0 = m.entry.cpu_s(), time.monotonic()
+                r = burst_once(m.url, model, n, args.burst_tokens, args.burst_limit)
+                r.update({"engine": kind, "engine_detail": detail,
+                          "entry_cpu": round((m.entry.cpu_s() - e0) / max(1e-9, time.monotonic() - w0), 2),
+                          "entry_rss_mb": round(m.entry.rss_mb(), 1)})
+                res["runs"].append(r)
+                say(f"  {kind} {n}: {r['completed']} completed, {r['failed']} failed in {r['wall_s']} s; latency p50 "
+                    f"{r['latency_ms_p50']} ms p99 {r['latency_ms_p99']} ms; /health p99 {r['health_ms_p99']} ms "
+                    f"(max {r['health_ms_max']})" + (f"; errors {r['errors']}" if r["errors"] else ""))
+    say(table(res["runs"], [("engine", "engine", ""), ("requests", "burst", ""), ("completed", "completed", ""),
+                            ("failed", "failed", ""), ("wall_s", "wall s", ".1f"), ("latency_ms_p50", "p50 ms", ".0f"),
+                            ("latency_ms_p99", "p99 ms", ".0f"), ("health_ms_p50", "/health p50 ms", ".1f"),
+                            ("health_ms_p99", "/health p99 ms", ".1f"), ("entry_cpu", "entry CPU", ".0%")]))
+    return res
+
+
 def dht_probe(bootstrap: str, samples: int) -> dict:
     """Run in a subprocess: a fresh DHT client times lookups against the mesh."""
     import trio
@@ -766,7 +881,7 @@ def churn(m: Mesh, model: str, args) -> dict:
 
 # ---- main ----------------------------------------------------------------------------------
 
-SECTIONS = ("overhead", "capacity", "routing", "taskrouting", "failover", "scale")
+SECTIONS = ("overhead", "capacity", "routing", "taskrouting", "failover", "scale", "burst")
 
 
 def summary(results: dict) -> list[dict]:
@@ -802,6 +917,11 @@ def summary(results: dict) -> list[dict]:
         found = big.get("adverts_found", big.get("ready_seen", 0))
         rows.append({"metric": f"nodes discovered at {big['nodes']}", "target": str(big["nodes"]), "result": found,
                      "ok": found >= big["nodes"]})
+    bu = results.get("burst")
+    if bu:
+        for r in bu["runs"]:
+            rows.append({"metric": f"failed requests in a burst of {r['requests']} ({r['engine']})", "target": "0",
+                         "result": r["failed"], "ok": r["failed"] == 0})
     ov = results.get("overhead")
     if ov:
         e2e = ov["paths"]["entry+node"]
@@ -850,6 +970,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--churn-adds", type=int, default=None)
     ap.add_argument("--overhead-runs", type=int, default=None)
     ap.add_argument("--overhead-tokens", type=int, default=None)
+    ap.add_argument("--burst-sizes", default="40,200", help="concurrent requests per burst (default 40,200)")
+    ap.add_argument("--burst-tokens", type=int, default=32, help="max_tokens of each burst request")
+    ap.add_argument("--burst-rate", type=float, default=100.0,
+                    help="synthetic tok/s per slot in the burst section (about what SmolLM2 does on one thread)")
+    ap.add_argument("--burst-queue-wait", type=float, default=None,
+                    help="the entry's --queue-wait in the burst section (default: the entry's default)")
+    ap.add_argument("--burst-limit", type=float, default=600.0, help="give up on a burst after this many seconds")
+    ap.add_argument("--burst-real", action="store_true", help="also burst 2 nodes serving the bundled model")
+    ap.add_argument("--burst-real-sizes", default=None, help="burst sizes for the bundled model (default: --burst-sizes)")
     ap.add_argument("--dht-probe", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dht_probe:
@@ -877,7 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
                      "args": {k: v for k, v in vars(args).items() if k != "dht_probe"}}
     t_all = time.monotonic()
     fns = {"overhead": section_overhead, "capacity": section_capacity, "routing": section_routing,
-           "taskrouting": section_taskrouting, "failover": section_failover, "scale": section_scale}
+           "taskrouting": section_taskrouting, "failover": section_failover, "scale": section_scale,
+           "burst": section_burst}
     out_path = Path(args.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for name in SECTIONS:

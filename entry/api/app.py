@@ -9,6 +9,8 @@ asked what.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -72,7 +74,7 @@ def backend_error(e: BaseException) -> ApiError:
         return ApiError(404, str(e) or "no node serves this model", param="model", code="model_not_found")
     if isinstance(e, MeshUnavailable):
         return ApiError(503, str(e) or "no node can serve this request now", type="server_error",
-                        code="mesh_unavailable", headers={"Retry-After": _retry_after(e.retry_after)})
+                        code=getattr(e, "code", "mesh_unavailable"), headers={"Retry-After": _retry_after(e.retry_after)})
     if isinstance(e, InvalidGeneration):
         return ApiError(400, str(e), code=e.code)
     if isinstance(e, ProviderError):
@@ -123,7 +125,7 @@ class _Instruments:
 
 
 _KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/mesh/nodes",
-                "/v1/mesh/routing", "/v1/mesh/benchmark")
+                "/v1/mesh/queue", "/v1/mesh/routing", "/v1/mesh/benchmark")
 
 
 def _endpoint_label(path: str) -> str:
@@ -512,6 +514,7 @@ class _Handlers:
         self.webchat = {p.name: p.read_bytes() for p in WEBCHAT_DIR.glob("*") if p.suffix in _WEBCHAT_TYPES}
         self.route_limiter = trio.CapacityLimiter(2)
         self.benchmarks = BenchmarkRunner(s.auto)
+        self.queue_secret = secrets.token_bytes(32)
 
     # --- access -------------------------------------------------------------------------------
 
@@ -566,6 +569,11 @@ class _Handlers:
         subject, rpm, tpm = self.authenticate(request)
         body = await self.read_json(request)
         plan = parse(body, mix_seed=self.s.seeds.for_subject(subject))
+        # Fair turns in the entry's queue per API key. Opaque (keyed with a secret of this
+        # process), so not even the key's id travels with the spec; the relay never sends it on.
+        queue_key = hmac.new(self.queue_secret, subject.encode(), hashlib.sha256).hexdigest()[:24]
+        for spec in plan.specs:
+            spec.queue_key = queue_key
         try:
             opts = parse_route_options(body)
         except RouteRequestError as e:
@@ -655,6 +663,12 @@ class _Handlers:
     async def nodes(self, request: Request) -> Response:
         self.authenticate(request)
         return JSONResponse({"object": "list", "data": self.s.backend.nodes_view()})
+
+    async def queue(self, request: Request) -> Response:
+        """Requests waiting for a free slot, per model (entry/mesh/queue.py); counts only, never whose."""
+        self.authenticate(request)
+        view = getattr(self.s.backend, "queue_view", None)
+        return JSONResponse(view() if view is not None else {"waiting": 0, "models": []})
 
     async def credits(self, request: Request) -> Response:
         """A node's credit statement, for that node only (signed query, protocol/credit_query.py):
@@ -814,6 +828,7 @@ def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, l
         Route("/v1/chat/completions", h.chat, methods=["POST"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
         Route("/v1/mesh/nodes", h.nodes, methods=["GET"]),
+        Route("/v1/mesh/queue", h.queue, methods=["GET"]),
         Route("/v1/mesh/credits/{node}", h.credits, methods=["GET"]),
         Route("/v1/mesh/routing", h.routing, methods=["GET"]),
         Route("/v1/mesh/benchmark", h.start_benchmark, methods=["POST"]),

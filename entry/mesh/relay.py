@@ -36,6 +36,7 @@ from entry.backend import (
     UnknownModel,
 )
 from entry.mesh import router
+from entry.mesh.queue import AdmissionQueue
 from entry.mesh.view import PENALTY_BAD_RECEIPT, PENALTY_DISCONNECT, PENALTY_FAILED, MeshView, NodeState
 from protocol.errors import ProtocolError, RecordError
 from protocol.messages import ERR_BUSY, ERR_INVALID, ERR_LEAVING, ERR_TOO_LONG, Final, InferRequest, TokenChunk
@@ -62,7 +63,11 @@ class MeshBackendConfig:
     # takes a request and answers nothing costs the user this, not the full wait.
     unproven_first_token_timeout: float = 10.0
     token_timeout: float = 10.0  # longest silence between tokens (and before the final frame)
-    admission_wait: float = 5.0  # how long a request may wait for a free slot before 503
+    # How long a request may wait in the entry's queue for a free slot before 503 (--queue-wait),
+    # and how many may wait at once, all models together (--queue-max): entry/mesh/queue.py.
+    # 300: a burst of 200 against 2 CPU nodes takes over a minute to drain (BENCHMARKS.md, burst).
+    admission_wait: float = 300.0
+    queue_max: int = 256
     dial_timeout: float = 5.0
     cancel_timeout: float = 2.0  # bound on telling a node to stop when the consumer left
     max_attempts: int = 8  # nodes tried for one generation, refusals included
@@ -268,7 +273,10 @@ class MeshBackend:
         on_receipt: Callable[[AcceptedReceipt], None] | None = None,
         receipt_book: ReceiptBook | None = None,
         on_generation_done: Callable[[GenerationRecord], None] | None = None,
+        metrics=None,
     ):
+        """`metrics`: the entry's registry (entry/api/metrics.py) for the queue's histogram and
+        counters; None keeps them out of /metrics (tests, tools)."""
         self.host = host
         self.view = view
         self.config = config or MeshBackendConfig()
@@ -283,6 +291,9 @@ class MeshBackend:
         # take a new node's work (router.pick's `admit`).
         self.model_pins: dict[str, str] = {}
         self.admit: Callable[[NodeState], bool] | None = None
+        self.queue = AdmissionQueue(view, pick=self._pick, may_serve_later=self._may_serve_later,
+                                    wait=self.config.admission_wait, max_waiting=self.config.queue_max,
+                                    retry_after=self.config.retry_after, model_id=self._model_id, metrics=metrics)
 
     # -- models ---------------------------------------------------------------------------
 
@@ -321,21 +332,22 @@ class MeshBackend:
         try:
             # aclosing: when our consumer closes us, _run must hear of it now (to cancel
             # the node's work), not whenever the garbage collector gets to it.
-            async with aclosing(self._run(request)) as events:
+            async with aclosing(self._run(request, spec.queue_key)) as events:
                 async for event in events:
                     yield event
         except (MeshUnavailable, InvalidGeneration):
             self.counters.requests_failed += 1
             raise
 
-    async def _run(self, request: InferRequest) -> AsyncIterator[TokenEvent | DoneEvent]:
+    async def _run(self, request: InferRequest, queue_key: str = "") -> AsyncIterator[TokenEvent | DoneEvent]:
         cfg = self.config
         delivered: list[int] = []
         parts: list[_RunningPart] = []
         exclude: set[str] = set()
         failovers = 0
-        for _ in range(cfg.max_attempts):
-            node = await self._acquire(request.model_sha256, exclude)
+        for attempt_no in range(cfg.max_attempts):
+            # A retry (failover, or a node that said busy) was admitted once: it goes first.
+            node = await self.queue.acquire(request.model_sha256, queue_key, exclude, priority=attempt_no > 0)
             attempt = _Attempt(self.host, self.view, node, dataclasses.replace(request, continuation=list(delivered)), cfg)
             part = _RunningPart(node)
             parts.append(part)
@@ -413,21 +425,14 @@ class MeshBackend:
         self.view.drop(node, PENALTY_FAILED, type(e).__name__)
         return True
 
-    async def _acquire(self, model_sha256: str, exclude: set[str]) -> NodeState:
-        """Reserve a slot on the best node; wait a little if all are busy, not if none is left."""
-        deadline = trio.current_time() + self.config.admission_wait
-        while True:
-            nodes = self.view.nodes()
-            node = router.pick(nodes, model_sha256, time.monotonic(), exclude=exclude, admit=self.admit)
-            if node is not None:
-                self.view.acquire(node)
-                return node
-            left = deadline - trio.current_time()
-            if left <= 0 or not router.may_serve_later(nodes, model_sha256, exclude):
-                what = "all nodes for this model are busy" if router.may_serve_later(nodes, model_sha256, exclude) else "no node can serve this model now"
-                raise MeshUnavailable(what, retry_after=self.config.retry_after)
-            # Woken by any change; the cap notices cooldowns running out.
-            await self.view.wait_changed(min(left, 0.25))
+    def _pick(self, model_sha256: str, exclude: set[str]) -> NodeState | None:
+        return router.pick(self.view.nodes(), model_sha256, time.monotonic(), exclude=exclude, admit=self.admit)
+
+    def _may_serve_later(self, model_sha256: str, exclude: set[str]) -> bool:
+        return router.may_serve_later(self.view.nodes(), model_sha256, exclude)
+
+    def _model_id(self, model_sha256: str) -> str:
+        return next((m.id for m in self.models() if m.sha256 == model_sha256), f"model-{model_sha256[:12]}")
 
     def _report_done(self, request: InferRequest, parts: list[_RunningPart], last: _RunningPart,
                      accepted: AcceptedReceipt | None, final: Final) -> None:
@@ -512,12 +517,31 @@ class MeshBackend:
             })
         return out
 
+    def queue_view(self) -> dict:
+        """The admission queue, for /v1/mesh/queue: how many wait for which model, and the bounds."""
+        q = self.queue
+        names = {m.sha256: m.id for m in self.models()}
+        return {
+            "waiting": q.waiting(), "max": q.max_waiting, "wait_s": q.wait,
+            "models": [{"model": names.get(sha, f"model-{sha[:12]}"), "waiting": n,
+                        "oldest_wait_s": round(q.oldest_wait(sha), 3)} for sha, n in sorted(q.lengths().items())],
+            "rejected": dict(q.rejected),
+            "served_after_wait": q.served_after_wait,
+        }
+
     def metrics(self) -> dict[str, float]:
         now = time.monotonic()
         nodes = self.view.nodes()
         out: dict[str, float] = {}
-        for m in self.models():
+        models = self.models()
+        for m in models:
             out[f'mesh_nodes{{model="{m.id}"}}'] = m.nodes
+        queued = self.queue.lengths()
+        names = {m.sha256: m.id for m in models}
+        for sha in names.keys() | queued.keys():
+            name = names.get(sha, f"model-{sha[:12]}")
+            out[f'mesh_queue_length{{model="{name}"}}'] = queued.get(sha, 0)
+            out[f'mesh_queue_oldest_wait_seconds{{model="{name}"}}'] = round(self.queue.oldest_wait(sha), 3)
         c = self.counters
         out.update({
             "mesh_nodes_known": len(nodes),
@@ -529,6 +553,8 @@ class MeshBackend:
             "mesh_completion_tokens_total": c.tokens,
             "mesh_receipts_accepted_total": c.receipts_accepted,
             "mesh_receipts_rejected_total": c.receipts_rejected,
+            "mesh_queue_waiting": self.queue.waiting(),
+            "mesh_queue_max": self.config.queue_max,
         })
         return out
 
@@ -550,6 +576,7 @@ async def open_mesh_backend(
     config: MeshBackendConfig | None = None,
     on_receipt: Callable[[AcceptedReceipt], None] | None = None,
     on_generation_done: Callable[[GenerationRecord], None] | None = None,
+    metrics=None,
     **view_options,
 ) -> AsyncIterator[MeshBackend]:
     """A MeshView running in the background plus the backend on top; both stop on exit.
@@ -565,7 +592,8 @@ async def open_mesh_backend(
     async with trio.open_nursery() as nursery:
         await nursery.start(view.run)
         try:
-            yield MeshBackend(host, view, config=config, on_receipt=on_receipt, on_generation_done=on_generation_done)
+            yield MeshBackend(host, view, config=config, on_receipt=on_receipt, on_generation_done=on_generation_done,
+                              metrics=metrics)
         except Exception as e:
             deferred = e
         finally:

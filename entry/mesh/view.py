@@ -28,6 +28,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -291,6 +292,9 @@ class MeshView:
         self._left_at: dict[str, float] = {}
         self.model_first_seen: dict[str, float] = {}  # sha256 -> unix time
         self._changed = trio.Event()
+        # Called synchronously on every notify: the admission queue (entry/mesh/queue.py)
+        # hands a freed slot to its next waiter in the same instant.
+        self.listeners: list[Callable[[], None]] = []
         self._nursery: trio.Nursery | None = None
         self.rounds = 0
         self.last_round_s = 0.0  # how long the latest discovery round took
@@ -326,6 +330,11 @@ class MeshView:
     def notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:  # a listener's bug must not take down the status watcher that notified
+                log.exception("view listener failed")
 
     # -- what the backend reports -----------------------------------------------------------
 
