@@ -394,7 +394,10 @@ class GenerationResponse(Response):
         pending: list[tuple[int, Any]] = []
         while waiting:
             index, item = await rx.receive()
-            if isinstance(item, BaseException) or (item is _END and self.states[index].done is None):
+            # A choice may run to its end before another starts (a one-slot node serves n=2 in
+            # turn): its DoneEvent is then still in `pending`, not yet in its state.
+            ended_early = item is _END and not any(i == index and isinstance(ev, DoneEvent) for i, ev in pending)
+            if isinstance(item, BaseException) or ended_early:
                 _, err = self._record(index, item)
                 e = backend_error(err)
                 self._finish()
