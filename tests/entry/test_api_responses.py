@@ -186,16 +186,19 @@ async def test_store_false_and_ignored_fields_are_accepted():
     assert r.status == "completed" and r.output_text == FULL and r.metadata == {"k": "v"}
 
 
-async def test_auto_model_is_routed(tmp_path):
+async def test_auto_model_is_routed():
     from entry.targets import AutoRouting
 
     with trio.fail_after(20):
         async with running_api(auto=AutoRouting()) as api:
-            r = await api.client.post(RESPONSES, json={"model": "auto", "input": "What is 2+2?"})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["model"] == "fake-model" and body["mesh"]["route"]["model"] == "fake-model"
+            c = client(api)
+            r = await in_thread(c.responses.with_raw_response.create, model="auto", input="What is 2+2?")
+            s = await in_thread(lambda: list(c.responses.create(model="auto", input="What is 2+2?", stream=True)))
+    body = r.parse()
+    assert body.model == "fake-model" and body.model_extra["mesh"]["route"]["model"] == "fake-model"
     assert r.headers["x-mesh-model"] == "fake-model"
+    assert s[-1].type == "response.completed" and s[-1].response.model == "fake-model"
+    assert s[-1].response.output_text == FULL
 
 
 async def test_embeddings_are_refused_clearly():

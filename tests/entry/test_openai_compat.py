@@ -80,6 +80,11 @@ async def test_chat_completions_parameters_on_smollm2(smollm2_path):
                                                   top_logprobs=3)
             out["lp_stream"] = list(c.chat.completions.create(model=m, messages=MESSAGES, max_tokens=8, temperature=0,
                                                               logprobs=True, top_logprobs=3, stream=True))
+            # llama.cpp's samplers through extra_body: top_k 1 is greedy at any temperature
+            ext = dict(model=m, messages=MESSAGES, max_tokens=12, temperature=0.9,
+                       extra_body={"top_k": 1, "min_p": 0.05, "repeat_penalty": 1.0, "repeat_last_n": 64})
+            out["top_k"] = c.chat.completions.create(**ext).choices[0].message.content
+            out["top_k_stream"] = _text(list(c.chat.completions.create(**ext, stream=True)))
             # accepted and ignored
             out["ignored"] = c.chat.completions.create(model=m, messages=MESSAGES, max_tokens=4, temperature=0,
                                                        user="u-1", metadata={"k": "v"}, store=False,
@@ -113,6 +118,7 @@ async def test_chat_completions_parameters_on_smollm2(smollm2_path):
     assert [(e.token, e.bytes, e.logprob) for e in streamed] == [(e.token, e.bytes, e.logprob) for e in content]
     assert [[(a.token, a.bytes) for a in e.top_logprobs] for e in streamed] == \
         [[(a.token, a.bytes) for a in e.top_logprobs] for e in content]
+    assert out["top_k"] == out["top_k_stream"] == plain.choices[0].message.content
     assert out["ignored"].choices[0].message.content
 
 
