@@ -22,12 +22,14 @@ from typing import Any
 
 from entry.api.parsing import ApiError, invalid
 from entry.api.responses import dumps
+from protocol.messages import SamplingParams
 
 _ROLES = {"user": "user", "system": "system", "developer": "developer", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text")
 # The chat path names its own fields in errors; a Responses client sent these instead.
 _PARAM_NAMES = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
                 "response_format": "text.format", "messages": "input"}
+_DEFAULTS = SamplingParams()  # what a request that sets no sampling parameter gets (greedy)
 _KEEPS_NOTHING = "this mesh keeps no conversations or responses between requests"
 
 
@@ -246,9 +248,9 @@ class ResponsesRequest:
             "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
             "max_tool_calls": None, "model": model, "output": [], "parallel_tool_calls": b.get("parallel_tool_calls", True),
             "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
-            "temperature": b.get("temperature", 1.0), "text": {"format": fmt},
+            "temperature": b.get("temperature", _DEFAULTS.temperature), "text": {"format": fmt},
             "tool_choice": b.get("tool_choice", "auto"), "tools": list(b.get("tools") or []),
-            "top_p": b.get("top_p", 1.0), "truncation": "disabled", "usage": None, "user": None,
+            "top_p": b.get("top_p", _DEFAULTS.top_p), "truncation": "disabled", "usage": None, "user": None,
             "metadata": b.get("metadata") if isinstance(b.get("metadata"), dict) else {},
         }
 

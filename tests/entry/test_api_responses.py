@@ -56,6 +56,7 @@ async def test_instructions_come_first_and_message_items_are_translated():
             r = await in_thread(client(api).responses.create, model="fake-model", input=items, instructions="Be kind.")
             spec = api.backend.specs[0]
     assert r.instructions == "Be kind."
+    assert (r.temperature, r.top_p) == (0.0, 1.0)  # what ran: the mesh's default is greedy
     assert [(m.role, m.content) for m in spec.messages] == [
         ("system", "Be kind."), ("system", "Answer briefly."), ("user", "Hi\nagain"), ("assistant", "Hello!"),
         ("user", "And now?")]
