@@ -214,7 +214,8 @@ class InferRequest:
         return d
 
 
-MAX_TOKEN_BYTES = 256  # one token's piece; real vocabularies stay far below
+MAX_TOKEN_BYTES = 1024  # one token's piece; real vocabularies stay far below, and a node's frame (32 tokens, 20
+# alternatives each) stays under the 1 MiB frame limit even at this size
 
 
 def _token_piece(v: Any) -> bool:

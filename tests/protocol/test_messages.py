@@ -97,7 +97,7 @@ def test_unknown_type_and_version():
 @pytest.mark.parametrize("over", [
     {"top": [[[5, -0.1]]]},  # version 1's alternatives carried no bytes
     {"top": [[[5, -0.1, "a"]]]},
-    {"top": [[[5, -0.1, b"x" * 257]]]},
+    {"top": [[[5, -0.1, b"x" * 1025]]]},
     {"top": [[[True, -0.1, b"a"]]]},
     {"tb": [b"a", b"b"]},
     {"tb": ["a"]},
