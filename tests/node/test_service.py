@@ -293,11 +293,13 @@ async def test_logprob_alternatives_carry_each_tokens_own_bytes(service, tiny_gg
     tok.close()
 
 
-async def test_a_version_1_request_gets_a_clean_refusal(service):
+async def test_an_older_peers_request_gets_a_clean_refusal(service):
+    from protocol import PROTOCOL_VERSION
+
     async with trio.open_nursery() as n:
         s = connect(n, service)
-        old = {**to_wire(request(service)), "v": 1}
+        old = {**to_wire(request(service)), "v": PROTOCOL_VERSION - 1}
         await FrameWriter(s).write_frame(old)
         err = parse_message(await FrameReader(s).read_frame())
-        assert err.code == ERR_INVALID and "protocol version 1 is not supported" in err.message
+        assert err.code == ERR_INVALID and f"protocol version {PROTOCOL_VERSION - 1} is not supported" in err.message
         await s.close()
