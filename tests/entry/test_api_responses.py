@@ -324,8 +324,8 @@ async def _tool_loop(smollm2_api):
         follow = first_input + [{"type": "function_call", "call_id": calls[0].call_id, "name": calls[0].name,
                                  "arguments": calls[0].arguments},
                                 {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 C, sunny"}]
-        second = c.responses.create(model=smollm2_api.model, input=follow, tools=TOOLS, max_output_tokens=30,
-                                    temperature=0)
+        second = c.responses.create(model=smollm2_api.model, input=follow, tools=TOOLS, tool_choice="none",
+                                    max_output_tokens=30, temperature=0)
         return calls, second
 
     for stream in (False, True):

@@ -1,7 +1,7 @@
 """Every "supported" row of README's compatibility table, checked with the official `openai`
 client against a real entry and a real node (bundled SmolLM2 on llama.cpp), streamed and not
-where both exist. Rows for response_format and tools are backed by tests/entry/test_structured_output.py
-and tests/entry/test_tools.py.
+where both exist. Rows for response_format and tools are backed by tests/entry/test_structured.py
+and tests/entry/test_tools_e2e.py.
 
 One mesh per test function (a model load each), many requests per mesh: the machine is small."""
 
