@@ -36,8 +36,10 @@ class TokenEvent:
     ids: list[int]
     text: str
     logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: [(id, logprob), ...]
+    # per token: [(id, logprob, bytes of that token), ...]; the bytes may be missing (id, logprob)
+    top_logprobs: list[list[tuple]] | None = None
     token_texts: list[str] | None = None  # per token text, when logprobs were asked for
+    token_bytes: list[bytes] | None = None  # per token, the bytes it renders as (nodes send them with logprobs)
 
 
 @dataclass

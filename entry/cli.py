@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     es = p.add_subparsers(dest="entry_cmd", required=True, metavar="COMMAND")
     s = es.add_parser("start", help="serve the API and web chat until Ctrl-C",
                       description="Join the mesh, keep a live view of its nodes, and serve /v1/chat/completions, "
-                      "/v1/completions (model \"auto\": the router picks a model per request), /v1/models, /v1/mesh/nodes, "
+                      "/v1/completions, /v1/responses (model \"auto\": the router picks a model per request), /v1/models, /v1/mesh/nodes, "
                       "/v1/mesh/routing, /v1/mesh/benchmark, /health, /metrics and the web chat at /. "
                       "Flags override the --config file's [entry] table (same names in snake_case). External "
                       "OpenAI-compatible providers ([[entry.providers]]) and routing policies ([entry.routing]) "

@@ -281,7 +281,7 @@ class NodeService:
         the stream may carry more messages."""
         run = _RunState(req.request_id)
         worker = _EngineThread(engine, req, run.cancel)
-        batcher = _FrameBatcher(session, req, run, self.stats, self.frame_interval)
+        batcher = _FrameBatcher(session, req, run, self.stats, self.frame_interval, _piece_reader(engine))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_peer, session, reader, run, self.status)
             nursery.start_soon(worker.run, self._worker_limiter())
@@ -458,9 +458,11 @@ class _FrameBatcher:
     20 ms cadence still reads as continuous. The first frame, a full frame and the end leave
     at once. Records the token ids actually sent: the receipt covers exactly those."""
 
-    def __init__(self, session: Session, req: InferRequest, run: _RunState, stats: NodeStats, frame_interval: float):
+    def __init__(self, session: Session, req: InferRequest, run: _RunState, stats: NodeStats, frame_interval: float,
+                 piece: Callable[[int], bytes]):
         self._session = session
         self._req = req
+        self._piece = piece
         self._run = run
         self._stats = stats
         self._interval = frame_interval
@@ -487,7 +489,7 @@ class _FrameBatcher:
                 continue  # drain the channel so the worker never blocks
             last_full = len(batch) >= MAX_TOKENS_PER_FRAME
             try:
-                await self._session.send(_chunk(self._run.rid, batch, self._req))
+                await self._session.send(_chunk(self._run.rid, batch, self._req, self._piece))
             except Exception:
                 self._run.lose_peer()
                 continue
@@ -546,15 +548,30 @@ class _Handover:
             self.finished.set()
 
 
-def _chunk(rid: str, batch: list, req: InferRequest) -> TokenChunk:
+def _piece_reader(engine) -> Callable[[int], bytes]:
+    """A token id -> the bytes it renders as, for logprobs: the entry has no tokenizer."""
+    piece = getattr(engine, "token_bytes", None)
+    if piece is not None:
+        return piece
+    detokenize = getattr(engine, "detokenize", None)
+    if detokenize is not None:
+        # Engines without byte-level pieces (the synthetic one) render whole characters.
+        return lambda t: detokenize([t]).encode("utf-8")
+    return lambda t: b""  # a wrapper that exposes neither: no text rather than a failed stream
+
+
+def _chunk(rid: str, batch: list, req: InferRequest, piece: Callable[[int], bytes]) -> TokenChunk:
     # The generation's last step may carry only held-back text (token None).
     toks = [s for s in batch if s.token is not None]
+    # Pieces are cached by the engine after their first lookup, so this costs dict reads
+    # in the loop, and only for requests that asked for logprobs.
     return TokenChunk(
         rid,
         [s.token for s in toks],
         "".join(s.text for s in batch),
         [s.logprob for s in toks] if req.logprobs else None,
-        [[list(p) for p in (s.top or [])] for s in toks] if req.logprobs and req.top_logprobs else None,
+        [[[t, lp, piece(t)] for t, lp in (s.top or [])] for s in toks] if req.logprobs and req.top_logprobs else None,
+        [piece(s.token) for s in toks] if req.logprobs else None,
     )
 
 

@@ -214,16 +214,29 @@ class InferRequest:
         return d
 
 
+MAX_TOKEN_BYTES = 1024  # one token's piece; real vocabularies stay far below, and a node's frame (32 tokens, 20
+# alternatives each) stays under the 1 MiB frame limit even at this size
+
+
+def _token_piece(v: Any) -> bool:
+    return isinstance(v, bytes) and len(v) <= MAX_TOKEN_BYTES
+
+
 @dataclass
 class TokenChunk:
     """Tokens in generation order. `text` is the UTF-8 text these tokens complete (a token may
-    end mid-character, so text can lag ids by a token). logprobs[i] belongs to ids[i]."""
+    end mid-character, so text can lag ids by a token). logprobs[i] belongs to ids[i].
+
+    The entry holds no tokenizer, so when logprobs are asked for the node sends each token's
+    own bytes: `token_bytes[i]` for ids[i], and every top_logprobs alternative as
+    [id, logprob, bytes]. OpenAI's API reports both as text and bytes."""
 
     request_id: str
     ids: list[int]
     text: str
     logprobs: list[float] | None = None
-    top_logprobs: list[list[list[float]]] | None = None  # per token: [[id, logprob], ...]
+    top_logprobs: list[list[list[Any]]] | None = None  # per token: [[id, logprob, bytes], ...]
+    token_bytes: list[bytes] | None = None  # per token, with logprobs
     T = "tok"
 
     @classmethod
@@ -238,9 +251,15 @@ class TokenChunk:
             _check(isinstance(top, list) and len(top) == len(ids), "'top' must have one entry per token")
             for entry in top:
                 _check(isinstance(entry, list) and len(entry) <= MAX_TOP_LOGPROBS, "bad 'top' entry")
-                for pair in entry:
-                    _check(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and isinstance(pair[1], (int, float)), "bad 'top' pair")
-        return cls(_str(d, "id", 64), ids, _str(d, "text", MAX_TEXT, ""), lp, top)
+                for alt in entry:
+                    _check(isinstance(alt, list) and len(alt) == 3 and isinstance(alt[0], int) and not isinstance(alt[0], bool)
+                           and isinstance(alt[1], (int, float)) and not isinstance(alt[1], bool) and _token_piece(alt[2]),
+                           "a 'top' alternative must be [id, logprob, bytes]")
+        tb = d.get("tb")
+        if tb is not None:
+            _check(isinstance(tb, list) and len(tb) == len(ids) and all(_token_piece(b) for b in tb),
+                   f"'tb' must hold one token's bytes (at most {MAX_TOKEN_BYTES}) per token")
+        return cls(_str(d, "id", 64), ids, _str(d, "text", MAX_TEXT, ""), lp, top, tb)
 
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.request_id, "ids": self.ids, "text": self.text}
@@ -248,6 +267,8 @@ class TokenChunk:
             d["lp"] = self.logprobs
         if self.top_logprobs is not None:
             d["top"] = self.top_logprobs
+        if self.token_bytes is not None:
+            d["tb"] = self.token_bytes
         return d
 
 

@@ -34,6 +34,7 @@ from entry.api.metrics import TTFT_BUCKETS, Metrics
 from entry.api.parsing import ApiError, GenerationPlan, parse_chat, parse_completion
 from entry.api.ratelimit import OPEN_SUBJECT, RateLimited, RateLimits, Reservation
 from entry.api.responses import SSE_DONE, ChoiceState, ResponseBuilder, dumps, model_object, sse
+from entry.api.responses_api import ResponsesAdapter, ResponsesRequest, responses_error
 from entry.api.seeds import SeedMixer
 from entry.backend import Backend, DoneEvent, InvalidGeneration, MeshUnavailable, ModelEntry, TokenEvent, UnknownModel
 from entry.benchmark import DEFAULT_CONCURRENCY, BenchmarkBusy, BenchmarkRunner
@@ -124,8 +125,8 @@ class _Instruments:
         self.cost_saved.inc(0)
 
 
-_KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/mesh/nodes",
-                "/v1/mesh/queue", "/v1/mesh/routing", "/v1/mesh/benchmark")
+_KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses",
+                "/v1/embeddings", "/v1/mesh/nodes", "/v1/mesh/queue", "/v1/mesh/routing", "/v1/mesh/benchmark")
 
 
 def _endpoint_label(path: str) -> str:
@@ -395,7 +396,10 @@ class GenerationResponse(Response):
         pending: list[tuple[int, Any]] = []
         while waiting:
             index, item = await rx.receive()
-            if isinstance(item, BaseException) or (item is _END and self.states[index].done is None):
+            # A choice may run to its end before another starts (a one-slot node serves n=2 in
+            # turn): its DoneEvent is then still in `pending`, not yet in its state.
+            ended_early = item is _END and not any(i == index and isinstance(ev, DoneEvent) for i, ev in pending)
+            if isinstance(item, BaseException) or ended_early:
                 _, err = self._record(index, item)
                 e = backend_error(err)
                 self._finish()
@@ -564,10 +568,14 @@ class _Handlers:
 
     # --- generation ---------------------------------------------------------------------------
 
-    async def _generate(self, request: Request, parse: Callable[[dict], GenerationPlan]) -> Response:
+    async def _generate(self, request: Request, parse: Callable[[dict], GenerationPlan],
+                        adapt: Callable[[dict], dict] | None = None) -> Response:
+        """adapt: turns another API's body into a chat-completions body first (/v1/responses)."""
         t0 = time.perf_counter()
         subject, rpm, tpm = self.authenticate(request)
         body = await self.read_json(request)
+        if adapt is not None:
+            body = adapt(body)
         plan = parse(body, mix_seed=self.s.seeds.for_subject(subject))
         # Fair turns in the entry's queue per API key. Opaque (keyed with a secret of this
         # process), so not even the key's id travels with the spec; the relay never sends it on.
@@ -630,6 +638,20 @@ class _Handlers:
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, parse_completion)
+
+    async def responses(self, request: Request):
+        req = ResponsesRequest()
+        try:
+            inner = await self._generate(request, parse_chat, adapt=req.to_chat)
+        except ApiError as e:
+            raise responses_error(e) from None
+        return ResponsesAdapter(inner, req)
+
+    async def embeddings(self, request: Request) -> Response:
+        self.authenticate(request)
+        raise ApiError(404, "embeddings are not served by this mesh: no embedding model (a GGUF made for embeddings) "
+                       "is available to its nodes; use a text-generation model through /v1/chat/completions",
+                       param="model", code="model_not_found")
 
     # --- mesh views ---------------------------------------------------------------------------
 
@@ -827,6 +849,8 @@ def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, l
         Route("/v1/models/{model_id:path}", h.get_model, methods=["GET"]),
         Route("/v1/chat/completions", h.chat, methods=["POST"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
+        Route("/v1/responses", h.responses, methods=["POST"]),
+        Route("/v1/embeddings", h.embeddings, methods=["POST"]),
         Route("/v1/mesh/nodes", h.nodes, methods=["GET"]),
         Route("/v1/mesh/queue", h.queue, methods=["GET"]),
         Route("/v1/mesh/credits/{node}", h.credits, methods=["GET"]),

@@ -31,7 +31,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 class TokenLogprob:
     text: str
     logprob: float
-    top: list[tuple[str, float]]
+    top: list[tuple[str, float, bytes]]  # (text, logprob, bytes) per alternative
+    raw: bytes = b""  # the token's own bytes: a token may hold part of a character
 
 
 def _lp(v: Any) -> float:
@@ -42,26 +43,42 @@ def _lp(v: Any) -> float:
     return f if math.isfinite(f) else _BAD_LOGPROB
 
 
+def piece_text(raw: bytes) -> str:
+    # As OpenAI does: a token that holds part of a character shows U+FFFD in `token`, and
+    # `bytes` keeps what it really is.
+    return raw.decode("utf-8", errors="replace")
+
+
 def token_logprobs(ev: TokenEvent, k: int) -> list[TokenLogprob]:
-    """Per-token logprobs of an event. Alternatives come as (id, logprob) or
-    (id, logprob, text); without a text, an alternative that is the chosen token borrows its
-    text and any other shows as <token ID>, since the entry holds no tokenizer."""
+    """Per-token logprobs of an event. Nodes send each token's bytes and each alternative as
+    (id, logprob, bytes); other sources may send (id, logprob, text) or only (id, logprob),
+    and then an alternative that is the chosen token borrows its text and any other shows as
+    <token ID>, since the entry holds no tokenizer."""
     if ev.logprobs is None:
         return []
     out = []
     texts = ev.token_texts or []
+    pieces = ev.token_bytes or []
     for i, tid in enumerate(ev.ids):
-        if i < len(texts):
-            text = texts[i]
+        if i < len(pieces):
+            raw = pieces[i]
+            text = piece_text(raw)
         else:
-            text = ev.text if len(ev.ids) == 1 else ""
+            text = texts[i] if i < len(texts) else (ev.text if len(ev.ids) == 1 else "")
+            raw = text.encode("utf-8")
         top = []
         alts = ev.top_logprobs[i] if ev.top_logprobs and i < len(ev.top_logprobs) else []
         for alt in alts[:k]:
             aid, alp = alt[0], alt[1]
-            atext = alt[2] if len(alt) > 2 and isinstance(alt[2], str) else (text if aid == tid else f"<token {aid}>")
-            top.append((atext, _lp(alp)))
-        out.append(TokenLogprob(text, _lp(ev.logprobs[i] if i < len(ev.logprobs) else None), top))
+            extra = alt[2] if len(alt) > 2 else None
+            if isinstance(extra, (bytes, bytearray)):
+                araw = bytes(extra)
+                atext = piece_text(araw)
+            else:
+                atext = extra if isinstance(extra, str) else (text if aid == tid else f"<token {aid}>")
+                araw = atext.encode("utf-8")
+            top.append((atext, _lp(alp), araw))
+        out.append(TokenLogprob(text, _lp(ev.logprobs[i] if i < len(ev.logprobs) else None), top, raw))
     return out
 
 
@@ -110,10 +127,10 @@ def mesh_extra(dones: list[DoneEvent | None]) -> dict:
 
 
 def chat_logprobs(lps: list[TokenLogprob]) -> dict:
-    def item(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    def item(text: str, lp: float, raw: bytes) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
 
-    return {"content": [{**item(t.text, t.logprob), "top_logprobs": [item(a, b) for a, b in t.top]} for t in lps],
+    return {"content": [{**item(t.text, t.logprob, t.raw), "top_logprobs": [item(*a) for a in t.top]} for t in lps],
             "refusal": None}
 
 
@@ -125,7 +142,7 @@ def completion_logprobs(lps: list[TokenLogprob], start_offset: int) -> dict:
     return {
         "tokens": [t.text for t in lps],
         "token_logprobs": [t.logprob for t in lps],
-        "top_logprobs": [dict(t.top) for t in lps],
+        "top_logprobs": [{a[0]: a[1] for a in t.top} for t in lps],
         "text_offset": offsets,
     }
 

@@ -565,8 +565,10 @@ def _cancelled() -> bool:
 
 
 def _token_event(chunk: TokenChunk) -> TokenEvent:
-    top = [[(int(t), float(lp)) for t, lp in per] for per in chunk.top_logprobs] if chunk.top_logprobs is not None else None
-    return TokenEvent(list(chunk.ids), chunk.text, list(chunk.logprobs) if chunk.logprobs is not None else None, top)
+    top = ([[(int(t), float(lp), bytes(b)) for t, lp, b in per] for per in chunk.top_logprobs]
+           if chunk.top_logprobs is not None else None)
+    return TokenEvent(list(chunk.ids), chunk.text, list(chunk.logprobs) if chunk.logprobs is not None else None, top,
+                      token_bytes=list(chunk.token_bytes) if chunk.token_bytes is not None else None)
 
 
 @asynccontextmanager

@@ -262,3 +262,44 @@ async def test_drain_deadline_cancels_with_leaving_error(tiny_gguf):
                 pass
         assert e.value.code == ERR_LEAVING
         await s.close()
+
+
+async def test_logprob_alternatives_carry_each_tokens_own_bytes(service, tiny_gguf):
+    """The entry has no tokenizer: every alternative and every chosen token comes with the
+    bytes the node's tokenizer renders it as."""
+    from engine.llama import Engine
+
+    chunks = []
+    async with trio.open_nursery() as n:
+        s = connect(n, service)
+        req = request(service, max_tokens=6)
+        req.logprobs, req.top_logprobs = True, 3
+        call = NodeCall(s, req)
+        await call.send()
+        async for chunk in call.chunks():
+            chunks.append(chunk)
+        await s.close()
+    tok = Engine(tiny_gguf, n_ctx=64, n_threads=1)
+    seen = 0
+    for chunk in chunks:
+        assert len(chunk.token_bytes) == len(chunk.ids) == len(chunk.top_logprobs)
+        for tid, raw, alts in zip(chunk.ids, chunk.token_bytes, chunk.top_logprobs):
+            assert raw == tok.token_bytes(tid)
+            assert len(alts) == 3
+            for aid, _lp, araw in alts:
+                assert araw == tok.token_bytes(aid)
+                seen += 1
+    assert seen == 18
+    tok.close()
+
+
+async def test_an_older_peers_request_gets_a_clean_refusal(service):
+    from protocol import PROTOCOL_VERSION
+
+    async with trio.open_nursery() as n:
+        s = connect(n, service)
+        old = {**to_wire(request(service)), "v": PROTOCOL_VERSION - 1}
+        await FrameWriter(s).write_frame(old)
+        err = parse_message(await FrameReader(s).read_frame())
+        assert err.code == ERR_INVALID and f"protocol version {PROTOCOL_VERSION - 1} is not supported" in err.message
+        await s.close()

@@ -34,7 +34,8 @@ def wire_round_trip(msg):
     [
         InferRequest("req-000001", SHA, "chat", SamplingParams(temperature=0.7, seed=3, stop=["\n"]), [ChatMessage("user", "hi")]),
         InferRequest("req-000002", SHA, "completion", SamplingParams(), prompt="Once upon", continuation=[1, 2, 3], logprobs=True, top_logprobs=5),
-        TokenChunk("req-000001", [5, 6], "ab", [-0.1, -2.0], [[[5, -0.1]], [[6, -2.0], [7, -3.0]]]),
+        TokenChunk("req-000001", [5, 6], "ab", [-0.1, -2.0], [[[5, -0.1, b"a"]], [[6, -2.0, b"b"], [7, -3.0, b"\xe2\x82"]]],
+                   [b"a", b"b"]),
         Final("req-000001", "length", 10, 2, b"receipt-bytes", seed=42),
         Error("busy", "all slots taken", "req-000001", retry_after=1.5),
         Cancel("req-000001"),
@@ -91,6 +92,28 @@ def test_unknown_type_and_version():
         parse_message({**base_request(), "v": 99})
     with pytest.raises(UnsupportedVersion):
         parse_message({"t": "req"})
+
+
+@pytest.mark.parametrize("over", [
+    {"top": [[[5, -0.1]]]},  # version 1's alternatives carried no bytes
+    {"top": [[[5, -0.1, "a"]]]},
+    {"top": [[[5, -0.1, b"x" * 1025]]]},
+    {"top": [[[True, -0.1, b"a"]]]},
+    {"tb": [b"a", b"b"]},
+    {"tb": ["a"]},
+])
+def test_token_chunk_alternatives_carry_their_bytes(over):
+    frame = {**to_wire(TokenChunk("req-000001", [5], "a", [-0.1])), **over}
+    with pytest.raises(InvalidMessage):
+        parse_message(frame)
+
+
+def test_an_older_peer_is_refused():
+    """Version 2 changed TokenChunk's alternatives: an older peer's frame is refused, not misread."""
+    assert PROTOCOL_VERSION >= 2
+    old = {**to_wire(TokenChunk("req-000001", [5], "a", [-0.1], [[[5, -0.1]]])), "v": PROTOCOL_VERSION - 1}
+    with pytest.raises(UnsupportedVersion, match=f"version {PROTOCOL_VERSION - 1} is not supported"):
+        parse_message(old)
 
 
 def test_token_chunk_logprobs_must_match_ids():
