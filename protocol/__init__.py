@@ -4,5 +4,5 @@ Pure code: no network I/O (the transport package carries these bytes), so every 
 fuzzed alone. `identity` reads and writes key files; nothing else touches the disk.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 INFER_PROTOCOL_ID = "/mesh/infer/1"

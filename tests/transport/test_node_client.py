@@ -7,6 +7,7 @@ import pytest
 import trio
 import trio.testing
 
+from protocol import PROTOCOL_VERSION
 from protocol.errors import InvalidMessage, MalformedFrame, ProtocolError
 from protocol.framing import FrameReader, FrameWriter, encode_frame
 from protocol.messages import (
@@ -171,7 +172,7 @@ async def test_read_status_reports_leaving_and_returns_the_reply():
         await send(node, Error("internal", "oops"))
         with pytest.raises(NodeError):
             await read_status(FrameReader(ours))
-        await node.write(encode_frame({"t": "status", "v": 1}))
+        await node.write(encode_frame({"t": "status", "v": PROTOCOL_VERSION}))
         with pytest.raises(InvalidMessage):
             await read_status(FrameReader(ours))
         await node.close()
