@@ -26,6 +26,7 @@ class GenerationSpec:
     prompt: str = ""
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str = ""  # GBNF the output must follow (entry/api/structured.py builds it), "" for none
 
 
 @dataclass

@@ -229,7 +229,7 @@ async def test_spec_carries_nothing_about_the_user(tmp_path):
     [spec] = backend.specs
     assert isinstance(spec, GenerationSpec)
     assert {f.name for f in dataclasses.fields(spec)} == {"model", "kind", "params", "messages", "prompt", "logprobs",
-                                                         "top_logprobs"}
+                                                         "top_logprobs", "grammar"}
     assert spec.model == "fake-model" and spec.kind == "chat" and spec.prompt == ""
     assert [(m.role, m.content) for m in spec.messages] == [("user", "hello")]
     assert vars(spec.messages[0]) == {"role": "user", "content": "hello"}
