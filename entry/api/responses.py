@@ -81,6 +81,7 @@ class ChoiceState:
     pending: str = ""
     pending_lps: list[TokenLogprob] = field(default_factory=list)
     calls_sent: int = 0
+    calls_seen: set[tuple[str, str]] = field(default_factory=set)  # (name, arguments): repeats are dropped
 
     def add(self, ev: TokenEvent, k: int) -> list[TokenLogprob]:
         self.tokens += len(ev.ids)
@@ -234,7 +235,9 @@ class ResponseBuilder:
             if not calls:
                 break  # not a call after all: it ends up as text in the final chunk
             state.pending = rest
-            out.extend(self._call_deltas(state, calls[0]))
+            if (calls[0].name, calls[0].arguments) not in state.calls_seen:
+                state.calls_seen.add((calls[0].name, calls[0].arguments))
+                out.extend(self._call_deltas(state, calls[0]))
         return out or None
 
     def _call_deltas(self, state: ChoiceState, call: ToolCall) -> list[dict]:

@@ -12,7 +12,8 @@ results are rendered back to the model in later turns):
     </tool_call>
 
 tool_choice "required" or a named function: a grammar allows only such blocks, with a name
-from the list and arguments valid for that function's `parameters`; "auto": the grammar allows
+from the list and arguments valid for that function's `parameters` (parallel_tool_calls: up to
+one block per function offered, as small models repeat a call until max_tokens otherwise); "auto": the grammar allows
 either such blocks or plain text that does not start with "<"; "none": no tools in the prompt
 and no grammar.
 """
@@ -144,12 +145,15 @@ def call_schema(tools: list[Tool]) -> dict:
 
 
 def tools_grammar(tools: list[Tool], *, parallel: bool, optional: bool) -> str:
-    """GBNF for one (or, parallel, several) call blocks; optional: or plain text instead."""
+    """GBNF for one call block (parallel: up to one per tool); optional: or plain text instead."""
     body = schema_grammar(call_schema(tools))
     # The converter's root becomes one call; our root wraps it in the block markers.
     body = re.sub(r"^root ::=", "tool-call-json ::=", body, count=1, flags=re.M)
     block = f'"{CALL_OPEN}\\n" tool-call-json "\\n{CALL_CLOSE}"'
-    calls = f"{block} (\"\\n\" {block})*" if parallel else block
+    # Parallel calls are capped at one per function offered: small models otherwise repeat the
+    # same call until max_tokens (seen with SmolLM2), and the cap still allows one call to each.
+    extra = len(tools) - 1 if parallel else 0
+    calls = f"{block} (\"\\n\" {block}){{0,{extra}}}" if extra > 0 else block
     lines = [f"tool-calls ::= {calls}", body]
     if optional:
         # Text must not open with "<", so that a "<" always starts a well-formed call.
@@ -218,7 +222,9 @@ def parse_calls(text: str, names: set[str]) -> list[ToolCall] | None:
             return None
         if not (isinstance(obj, dict) and obj.get("name") in names and isinstance(obj.get("arguments"), dict)):
             return None
-        calls.append(ToolCall(new_call_id(), obj["name"], json.dumps(obj["arguments"], ensure_ascii=False)))
+        call = ToolCall(new_call_id(), obj["name"], json.dumps(obj["arguments"], ensure_ascii=False))
+        if not any((c.name, c.arguments) == (call.name, call.arguments) for c in calls):  # a repeat does nothing new
+            calls.append(call)
     if not calls or stripped[pos:].strip():
         return None
     return calls

@@ -204,3 +204,15 @@ async def test_openai_client_reads_tool_calls_streamed_and_not(scripted):
     assert streamed[0].function.name == "get_weather" and streamed[0].id.startswith("call_")
     assert json.loads("".join(tc.function.arguments or "" for tc in streamed)) == {"city": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_parallel_calls_are_capped_at_one_per_tool_and_repeats_dropped():
+    one, two = st.Tool("get_weather", "", WEATHER["function"]["parameters"]), st.Tool("add", "", ADD["function"]["parameters"])
+    assert "{0," not in st.tools_grammar([one], parallel=True, optional=False)
+    assert "{0,1}" in st.tools_grammar([one, two], parallel=True, optional=False)
+    assert "{0," not in st.tools_grammar([one, two], parallel=False, optional=False)
+    block = st.render_call("get_weather", '{"city": "Paris"}')
+    calls = st.parse_calls(block + "\n" + block, {"get_weather"})
+    assert [c.name for c in calls] == ["get_weather"]
+    assert st.parse_calls(block + " trailing words", {"get_weather"}) is None
+    assert st.parse_calls(st.render_call("other", "{}"), {"get_weather"}) is None
