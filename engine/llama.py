@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 import numpy as np
 
+from engine.grammar import GrammarError, compile_grammar
 from engine.model_file import ModelFileError, ModelInfo, inspect_model
 from engine.sampling import SamplingSettings, TokenSampler, logprob_report
 from engine.textstream import TextStream
@@ -81,6 +82,8 @@ class EngineRequest(Protocol):
     def logprobs(self) -> bool: ...
     @property
     def top_logprobs(self) -> int: ...
+    @property
+    def grammar(self) -> str: ...
 
 
 class BadRequest(ValueError):
@@ -289,6 +292,7 @@ class Engine:
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
             cancel=cancel,
+            grammar=request.grammar,
         )
 
     def generate(
@@ -300,14 +304,17 @@ class Engine:
         logprobs: bool = False,
         top_logprobs: int = 0,
         cancel: threading.Event | None = None,
+        grammar: str = "",
     ) -> Generation:
         """An iterator of Steps; the last Step has token None and the finish_reason.
 
         max_tokens counts continuation tokens: a continuation resumes the same generation,
         so the combined output is as long as the uninterrupted one would have been.
         Validation errors (BadRequest, RequestTooLong) are raised here, not while iterating.
+        grammar: GBNF text every generated token must follow (engine.grammar), or "".
         """
-        return Generation(self, list(prompt_tokens), params, list(continuation), logprobs, top_logprobs, cancel)
+        return Generation(self, list(prompt_tokens), params, list(continuation), logprobs, top_logprobs, cancel,
+                          grammar)
 
     def _logits(self) -> np.ndarray:
         # A view into llama.cpp's buffer: valid only until the next decode.
@@ -449,13 +456,19 @@ class Generation(StepIterator):
     excluded) are set once it ends."""
 
     def __init__(self, engine: Engine, prompt: list[int], params: GenerationSettings, continuation: list[int],
-                 logprobs: bool, top_logprobs: int, cancel: threading.Event | None) -> None:
+                 logprobs: bool, top_logprobs: int, cancel: threading.Event | None, grammar: str = "") -> None:
         engine._check_fits(len(prompt), len(continuation))
         bad = [t for t in prompt + continuation if not 0 <= t < engine.n_vocab]
         if bad:
             raise BadRequest(f"token id {bad[0]} is outside this model's vocabulary of {engine.n_vocab}")
         self.prompt_tokens = len(prompt)
-        self.sampler = TokenSampler(params)
+        try:
+            constraint = compile_grammar(engine, grammar) if grammar else None
+            self.sampler = TokenSampler(params, constraint=constraint, prompt_len=len(prompt))
+            # A continuation the grammar rejects would fail mid-stream: refuse it up front.
+            self.sampler.sync(prompt + continuation)
+        except GrammarError as e:
+            raise BadRequest(str(e)) from None
         self.seed = self.sampler.seed
         self._gen = self._run(engine, prompt, params, continuation, logprobs, top_logprobs, cancel)
 
@@ -498,7 +511,10 @@ class Generation(StepIterator):
             produced = len(continuation)
             while reason is None:
                 logits = eng._logits()
-                tok = sampler.choose(logits, history)
+                try:
+                    tok = sampler.choose(logits, history)
+                except GrammarError as e:  # a grammar no token can continue
+                    raise BadRequest(str(e)) from None
                 if eng.is_end(tok):
                     reason = "stop"
                     break

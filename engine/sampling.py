@@ -24,6 +24,9 @@ Semantics (documented because verifiers and failover depend on them):
      order. Exactly one draw per sampled token, so skipping n draws (`skip`) puts the
      generator where an uninterrupted run would be after n tokens.
 Probabilities are computed in float64 from the float32 logits.
+A constraint (engine.grammar.Grammar: a request's grammar) comes before all of this: the raw
+row's disallowed tokens become -inf, then the steps above run on the masked row (greedy: the
+most likely allowed token). A verifier applies the same mask to the same rows.
 Non-finite logits (a broken model or a hostile row) never make sampling fail: NaN counts as
 -inf; if some logits are +inf they share all the probability equally; if every logit is -inf
 every token is equally likely. Any parameters SamplingParams.from_wire accepts give a token.
@@ -65,6 +68,16 @@ class SamplingSettings(Protocol):
     def frequency_penalty(self) -> float: ...
     @property
     def seed(self) -> int | None: ...
+
+
+class TokenConstraint(Protocol):
+    """What the sampler needs of a grammar (engine.grammar.Grammar fits)."""
+
+    accepted: int
+
+    def allows(self, token: int) -> bool: ...
+    def accept(self, token: int) -> None: ...
+    def mask(self, logits: np.ndarray) -> np.ndarray: ...
 
 
 def _top_set(v: np.ndarray, k: int) -> np.ndarray:
@@ -125,8 +138,13 @@ def _logsumexp(logits: np.ndarray) -> float:
 class TokenSampler:
     """Picks tokens for one request. Create one per request: it owns the RNG stream."""
 
-    def __init__(self, params: SamplingSettings, *, seed: int | None = None) -> None:
+    def __init__(self, params: SamplingSettings, *, seed: int | None = None,
+                 constraint: TokenConstraint | None = None, prompt_len: int = 0) -> None:
+        """constraint: the request's grammar, fed the tokens of `history` past prompt_len
+        (continuation included) that it has not seen, whatever loop calls choose()."""
         self.params = params
+        self.constraint = constraint
+        self.prompt_len = prompt_len
         self.greedy = params.temperature == 0.0
         s = params.seed if seed is None else seed
         # A random seed is still a seed: reporting it lets a verifier replay the draws.
@@ -140,7 +158,19 @@ class TokenSampler:
 
     def choose(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """The next token. `logits` is the raw float32 row (not modified); `history` is the
-        sequence so far (only its last repeat_last_n tokens matter)."""
+        sequence so far (only its last repeat_last_n tokens matter, and under a constraint,
+        the tokens past the prompt). Raises engine.grammar.GrammarError if those break the
+        constraint."""
+        c = self.constraint
+        if c is not None:
+            self.sync(history)
+            if self.greedy:
+                # The raw argmax is the masked argmax whenever it is allowed (lowest id on
+                # ties either way), which spares the full-vocabulary mask most of the time.
+                best = int(np.argmax(logits))
+                if c.allows(best):
+                    return best
+            logits = c.mask(logits)
         if self.greedy:
             return int(np.argmax(logits))
         p = self.params
@@ -151,6 +181,15 @@ class TokenSampler:
         # u < total, so j is in range; the clamp only covers rounding at the very end.
         j = min(int(np.searchsorted(cum, u, side="right")), cum.shape[0] - 1)
         return int(j if ids is None else ids[j])
+
+    def sync(self, history: Sequence[int]) -> None:
+        """Feed the constraint the tokens of history past the prompt it has not seen."""
+        c = self.constraint
+        if c is None:
+            return
+        start = self.prompt_len + c.accepted
+        for t in history[start:]:
+            c.accept(int(t))
 
 
 # Steps 1-5, shared with the verifier (entry/verify/stats.py), which must cut exactly where

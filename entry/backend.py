@@ -26,6 +26,7 @@ class GenerationSpec:
     prompt: str = ""
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str = ""  # GBNF the output must follow (entry/api/structured.py builds it), "" for none
     # Whose turn it is in the entry's queue (entry/mesh/queue.py): an opaque id per API key,
     # set by the API. It stays in the entry: nodes must never learn who asked.
     queue_key: str = ""

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import trio
 
+from engine.grammar import GrammarError, check_grammar_text
 from node.admission import Admission, Busy, Draining
 from protocol.errors import ProtocolError
 from protocol.framing import (
@@ -265,6 +266,14 @@ class NodeService:
             return True
         if req.params.max_tokens > self.max_tokens:
             req.params.max_tokens = self.max_tokens  # the node's limit, stated in its advert
+        if req.grammar:
+            try:
+                # Before a slot is taken: hostile grammar text must not hold one. Whether it
+                # parses is llama.cpp's call, made by the engine (a BadRequest, same code).
+                check_grammar_text(req.grammar)
+            except GrammarError as e:
+                await session.send(Error(ERR_INVALID, f"unusable grammar: {e}", rid))
+                return True
         try:
             async with self.admission.slot(session.remote) as engine:
                 return await self._generate(session, reader, req, engine)

@@ -25,6 +25,8 @@ MAX_STOP_LEN = 64
 MAX_CONTINUATION = 32768
 MAX_TOKENS_LIMIT = 32768
 MAX_TOP_LOGPROBS = 20
+# GBNF text in a request (engine.grammar.MAX_GRAMMAR_CHARS must not be smaller).
+MAX_GRAMMAR = 64 * 1024
 ROLES = ("system", "user", "assistant", "tool")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -147,7 +149,14 @@ class ChatMessage:
 @dataclass
 class InferRequest:
     """A generation: chat (messages) or completion (prompt), optionally continuing tokens
-    another node already produced (failover)."""
+    another node already produced (failover).
+
+    grammar (protocol 2): GBNF text (llama.cpp's grammar format, root rule `root`) that the
+    generated tokens must follow, or "" for none. The entry builds it from a JSON schema,
+    `response_format` or forced tool calls, so nodes need no schema logic, and the verifier
+    replays under the same text. The node applies it as a mask on each logits row before
+    sampling (engine/sampling.py), and refuses text that is too long or does not parse with
+    invalid_request."""
 
     request_id: str
     model_sha256: str
@@ -158,6 +167,7 @@ class InferRequest:
     continuation: list[int] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str = ""
     T = "req"
 
     @classmethod
@@ -195,6 +205,7 @@ class InferRequest:
             continuation=_int_list(d, "cont", MAX_CONTINUATION),
             logprobs=_bool(d, "logprobs"),
             top_logprobs=_int(d, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0),
+            grammar=_str(d, "grammar", MAX_GRAMMAR, ""),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -207,6 +218,8 @@ class InferRequest:
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs,
         }
+        if self.grammar:
+            d["grammar"] = self.grammar
         if self.kind == "chat":
             d["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
         else:

@@ -199,6 +199,7 @@ class GenerationResponse(Response):
                                        plan.include_usage)
         if route is not None:
             self.builder.route = route.info
+        self.builder.tool_names = plan.tool_names
         self.states = [ChoiceState(i, plan.prompt_of[i]) for i in range(len(plan.specs))]
         self.endpoint = "/v1/chat/completions" if plan.endpoint == "chat" else "/v1/completions"
         self.first_token_seen = False
@@ -434,8 +435,8 @@ class GenerationResponse(Response):
         what, value = self._record(index, item)
         if what == "token":
             chunk = self.builder.token_chunk(self.states[index], item, value, self.plan.logprobs)
-            if chunk is not None:
-                await emit(sse(chunk))
+            for c in chunk if isinstance(chunk, list) else [chunk] if chunk is not None else []:
+                await emit(sse(c))
         elif what == "done":
             await emit(sse(self.builder.final_chunk(self.states[index])))
         elif what == "error":

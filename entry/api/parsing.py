@@ -7,12 +7,15 @@ node by accident.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from entry.api import structured as st
 from entry.backend import GenerationSpec
 from protocol.messages import (
     MAX_MESSAGES,
@@ -69,6 +72,9 @@ class GenerationPlan:
     prompt_of: list[int]  # prompt index of each choice (usage counts each prompt once)
     logprobs: bool
     top_logprobs: int
+    # Names of the functions a chat answer may call: the answer is read for tool calls
+    # (message.tool_calls, finish_reason "tool_calls"); None when tools are off.
+    tool_names: set[str] | None = None
 
     def prompt_estimates(self) -> list[int]:
         """A token estimate for each prompt (usage counts each prompt once). The entry has no
@@ -189,12 +195,101 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 
 def _common_unsupported(body: dict) -> None:
     _unsupported(body, "logit_bias", "token ids differ between models")
-    _unsupported(body, "tools", "tool calling")
-    _unsupported(body, "functions", "function calling")
-    _unsupported(body, "function_call", "function calling", lambda v: v in (None, "none"))
-    _unsupported(body, "tool_choice", "tool calling", lambda v: v in (None, "none", "auto"))
-    _unsupported(body, "response_format", "only plain text output",
+    _unsupported(body, "functions", "the deprecated function calling (use 'tools')")
+    _unsupported(body, "function_call", "the deprecated function calling (use 'tool_choice')", lambda v: v in (None, "none"))
+
+
+def _completion_unsupported(body: dict) -> None:
+    _unsupported(body, "tools", "tool calling on /v1/completions (use /v1/chat/completions)")
+    _unsupported(body, "tool_choice", "tool calling on /v1/completions (use /v1/chat/completions)",
+                 lambda v: v in (None, "none", "auto"))
+    _unsupported(body, "response_format", "structured output on /v1/completions (use /v1/chat/completions)",
                  lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
+
+
+def _response_format(body: dict) -> str:
+    """The grammar `response_format` asks for ("" for plain text)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return ""
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise invalid("'response_format' must be an object with a 'type'", "response_format")
+    kind = rf["type"]
+    if kind == "text":
+        return ""
+    if kind == "json_object":
+        return st.JSON_OBJECT_GRAMMAR
+    if kind != "json_schema":
+        raise invalid(f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
+                      "response_format.type")
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        raise invalid("response_format json_schema needs a 'json_schema' object with 'name' and 'schema'",
+                      "response_format.json_schema")
+    name = js.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise invalid("response_format.json_schema.name must be 1-64 characters of a-z, A-Z, 0-9, _ and -",
+                      "response_format.json_schema.name")
+    strict = js.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict")
+    schema = js.get("schema", {})
+    try:
+        return st.schema_grammar(schema, strict=bool(strict))
+    except st.SchemaProblem as e:
+        raise invalid(str(e), "response_format.json_schema.schema", "invalid_json_schema") from None
+
+
+def _tools(body: dict) -> list[st.Tool]:
+    raw = body.get("tools")
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) > st.MAX_TOOLS:
+        raise invalid(f"'tools' must be a list of at most {st.MAX_TOOLS} tools", "tools")
+    out: list[st.Tool] = []
+    for i, t in enumerate(raw):
+        param = f"tools[{i}]"
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict):
+            raise invalid("each tool must be {\"type\": \"function\", \"function\": {...}}", param)
+        f = t["function"]
+        name = f.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise invalid("a function name must be 1-64 characters of a-z, A-Z, 0-9, _ and -", f"{param}.function.name")
+        if any(o.name == name for o in out):
+            raise invalid(f"two tools are named {name!r}", f"{param}.function.name")
+        desc = f.get("description") or ""
+        if not isinstance(desc, str):
+            raise invalid("a function description must be a string", f"{param}.function.description")
+        params = f.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise invalid("a function's 'parameters' must be a JSON schema of type object",
+                          f"{param}.function.parameters")
+        try:
+            st.schema_grammar(params, strict=f.get("strict") is True)
+        except st.SchemaProblem as e:
+            raise invalid(str(e), f"{param}.function.parameters", "invalid_json_schema") from None
+        out.append(st.Tool(name, desc, params))
+    return out
+
+
+def _tool_choice(body: dict, tools: list[st.Tool]) -> str:
+    """"none", "auto", "required", or the name of the one function that must be called."""
+    v = body.get("tool_choice")
+    if v is None:
+        return "auto" if tools else "none"
+    if isinstance(v, str):
+        if v not in ("none", "auto", "required"):
+            raise invalid("'tool_choice' must be none, auto, required or {\"type\": \"function\", ...}", "tool_choice")
+        if v != "none" and not tools:
+            raise invalid(f"tool_choice {v!r} needs 'tools'", "tool_choice")
+        return v
+    if isinstance(v, dict) and v.get("type") == "function" and isinstance(v.get("function"), dict):
+        name = v["function"].get("name")
+        if not any(t.name == name for t in tools):
+            raise invalid(f"tool_choice names the function {name!r}, which is not in 'tools'", "tool_choice")
+        return "function:" + name
+    raise invalid("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                  "tool_choice")
 
 
 def _choice_seeds(params: SamplingParams, n: int, mix_seed: Callable[[int], int]) -> list[int | None]:
@@ -248,7 +343,9 @@ def _messages(body: dict) -> list[ChatMessage]:
         raise invalid("'messages' must be a non-empty list", "messages")
     if len(raw) > MAX_MESSAGES:
         raise invalid(f"at most {MAX_MESSAGES} messages", "messages")
-    out, total = [], 0
+    out: list[ChatMessage] = []
+    total = 0
+    call_names: dict[str, str] = {}  # tool_call_id -> function name, from earlier assistant turns
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise invalid("each message must be an object with 'role' and 'content'", f"messages[{i}]")
@@ -256,15 +353,54 @@ def _messages(body: dict) -> list[ChatMessage]:
         if role is None:
             raise invalid(f"messages[{i}].role must be one of system, developer, user, assistant, tool",
                           f"messages[{i}].role")
-        if m.get("tool_calls") or m.get("function_call"):
-            raise invalid("tool calls are not supported by this mesh", f"messages[{i}].tool_calls", "unsupported_parameter")
+        if m.get("function_call"):
+            raise invalid("'function_call' in messages is the deprecated format: use 'tool_calls'",
+                          f"messages[{i}].function_call", "unsupported_parameter")
         content = _content(m, i, role)
+        if role == "assistant" and m.get("tool_calls"):
+            content = "\n".join(([content] if content else []) + _rendered_calls(m["tool_calls"], i, call_names))
+        elif role == "tool":
+            cid = m.get("tool_call_id")
+            if not isinstance(cid, str) or not cid:
+                raise invalid("a tool message needs the 'tool_call_id' it answers", f"messages[{i}].tool_call_id")
+            # Rendered as the user's turn: chat templates without a tool role (Gemma's) refuse
+            # any role but user and assistant, and every template has those.
+            block = "<tool_response>\n" + json.dumps({"name": call_names.get(cid, ""), "content": content},
+                                                       ensure_ascii=False) + "\n</tool_response>"
+            total += len(block)
+            if out and out[-1].role == "user" and out[-1].content.startswith("<tool_response>"):
+                out[-1].content += "\n" + block  # consecutive results: one turn
+            else:
+                out.append(ChatMessage("user", block))
+            continue
         total += len(content)
         # Only role and text go on: a message's `name` can identify a person.
         out.append(ChatMessage(role, content))
     if total > MAX_TEXT:
         raise invalid(f"the messages hold more than {MAX_TEXT} characters", "messages", "context_length_exceeded")
     return out
+
+
+def _rendered_calls(calls: Any, i: int, call_names: dict[str, str]) -> list[str]:
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise invalid("'tool_calls' must be a list", param)
+    out = []
+    for c in calls:
+        f = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments", ""), str)):
+            raise invalid("each tool call needs function.name and function.arguments (a JSON string)", param)
+        if isinstance(c.get("id"), str):
+            call_names[c["id"]] = f["name"]
+        out.append(st.render_call(f["name"], f.get("arguments", "")))
+    return out
+
+
+def _with_tools_prompt(messages: list[ChatMessage], tools: list[st.Tool], choice: str) -> list[ChatMessage]:
+    block = st.tools_prompt(tools, choice.removeprefix("function:"))
+    if messages and messages[0].role == "system":
+        return [ChatMessage("system", messages[0].content + "\n\n" + block)] + messages[1:]
+    return [ChatMessage("system", block)] + messages
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
@@ -279,6 +415,22 @@ def parse_chat(body: dict, *, mix_seed: Callable[[int], int]) -> GenerationPlan:
     params = _sampling(body)
     stream, include_usage = _stream_flags(body)
     _common_unsupported(body)
+    grammar = _response_format(body)
+    tools = _tools(body)
+    choice = _tool_choice(body, tools)
+    parallel = _opt_bool(body, "parallel_tool_calls")
+    tool_names = None
+    if choice != "none":
+        if grammar:
+            raise invalid("'response_format' and tool calls cannot be combined: set tool_choice to none",
+                          "response_format")
+        offered = [t for t in tools if choice == "auto" or choice == "required" or choice == "function:" + t.name]
+        try:
+            grammar = st.tools_grammar(offered, parallel=parallel is not False, optional=choice == "auto")
+        except st.SchemaProblem as e:
+            raise invalid(str(e), "tools") from None
+        messages = _with_tools_prompt(messages, offered, choice)
+        tool_names = {t.name for t in offered}
     logprobs = bool(_opt_bool(body, "logprobs"))
     top = _opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top and not logprobs:
@@ -287,8 +439,8 @@ def parse_chat(body: dict, *, mix_seed: Callable[[int], int]) -> GenerationPlan:
     specs = []
     for seed in _choice_seeds(params, n, mix_seed):
         specs.append(GenerationSpec(model=model, kind="chat", params=_with_seed(params, seed), messages=list(messages),
-                                    logprobs=logprobs, top_logprobs=top or 0))
-    return GenerationPlan("chat", model, stream, include_usage, specs, [0] * n, logprobs, top or 0)
+                                    logprobs=logprobs, top_logprobs=top or 0, grammar=grammar))
+    return GenerationPlan("chat", model, stream, include_usage, specs, [0] * n, logprobs, top or 0, tool_names)
 
 
 # --- completions ---------------------------------------------------------------------------------
@@ -310,6 +462,7 @@ def parse_completion(body: dict, *, mix_seed: Callable[[int], int]) -> Generatio
     params = _sampling(body)
     stream, include_usage = _stream_flags(body)
     _common_unsupported(body)
+    _completion_unsupported(body)
     _unsupported(body, "echo", "echoing the prompt")
     _unsupported(body, "suffix", "insertion")
     lp = body.get("logprobs")

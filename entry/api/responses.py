@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from entry.api.structured import CALL_CLOSE, CALL_OPEN, ToolCall, parse_calls
 from entry.backend import DoneEvent, ModelEntry, TokenEvent
 
 _BAD_LOGPROB = -9999.0  # what OpenAI reports for an unrepresentable logprob
@@ -91,6 +92,13 @@ class ChoiceState:
     tokens: int = 0  # ids seen, in case the generation never finishes
     done: DoneEvent | None = None
     text_offset: int = 0  # characters of token text so far (completion logprobs)
+    # Streaming with tools: "" until the answer shows whether it is text or calls, then
+    # "text" or "calls"; `pending` holds what was not streamed yet.
+    mode: str = ""
+    pending: str = ""
+    pending_lps: list[TokenLogprob] = field(default_factory=list)
+    calls_sent: int = 0
+    calls_seen: set[tuple[str, str]] = field(default_factory=set)  # (name, arguments): repeats are dropped
 
     def add(self, ev: TokenEvent, k: int) -> list[TokenLogprob]:
         self.tokens += len(ev.ids)
@@ -161,8 +169,18 @@ def model_object(e: ModelEntry, fallback_created: int) -> dict:
     }
 
 
+_ARG_PIECE = 48  # characters of arguments per streamed delta
+
+
+def _split_args(args: str) -> list[str]:
+    return [args[i:i + _ARG_PIECE] for i in range(0, len(args), _ARG_PIECE)] or [""]
+
+
 class ResponseBuilder:
-    """Shapes one request's objects; `endpoint` is "chat" or "completion"."""
+    """Shapes one request's objects; `endpoint` is "chat" or "completion". `tool_names`:
+    functions a chat answer may call (GenerationPlan.tool_names), None when tools are off."""
+
+    tool_names: set[str] | None = None
 
     def __init__(self, endpoint: str, response_id: str, created: int, model: ModelEntry, include_usage: bool):
         self.endpoint = endpoint
@@ -194,7 +212,11 @@ class ResponseBuilder:
         return self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None})
 
-    def token_chunk(self, state: ChoiceState, ev: TokenEvent, lps: list[TokenLogprob], want_logprobs: bool) -> dict | None:
+    def token_chunk(self, state: ChoiceState, ev: TokenEvent, lps: list[TokenLogprob],
+                    want_logprobs: bool) -> dict | list[dict] | None:
+        """The chunk(s) this event adds to the stream (a list: several tool-call deltas)."""
+        if self.endpoint == "chat" and self.tool_names is not None and state.mode != "text":
+            return self._tool_chunks(state, ev, lps, want_logprobs)
         if not ev.text and not lps:
             return None  # a token that ends mid-character: its text comes with the next one
         if self.endpoint == "chat":
@@ -204,9 +226,58 @@ class ResponseBuilder:
         state.text_offset += sum(len(t.text) for t in lps)
         return self._chunk({"index": state.index, "text": ev.text, "logprobs": lp, "finish_reason": None})
 
+    def _tool_chunks(self, state: ChoiceState, ev: TokenEvent, lps: list[TokenLogprob], want_logprobs: bool) -> list[dict] | None:
+        """Streaming when the answer may be calls. Text streams as soon as it cannot open a
+        call block; a call streams once its block is complete (its name must be known before
+        the first delta, and only a complete block can be checked), as OpenAI's deltas:
+        id, type and name first, then the arguments in pieces."""
+        state.pending += ev.text
+        state.pending_lps.extend(lps)
+        if state.mode == "":
+            head = state.pending.lstrip()
+            if not head or (CALL_OPEN.startswith(head) and len(head) < len(CALL_OPEN)):
+                return None
+            state.mode = "calls" if head.startswith(CALL_OPEN) else "text"
+            if state.mode == "text":
+                text, lps_all = state.pending, state.pending_lps
+                state.pending, state.pending_lps = "", []
+                return [self._chunk({"index": state.index, "delta": {"content": text},
+                                     "logprobs": chat_logprobs(lps_all) if want_logprobs else None, "finish_reason": None})]
+        state.pending_lps = []
+        out = []
+        while CALL_CLOSE in state.pending:
+            end = state.pending.index(CALL_CLOSE) + len(CALL_CLOSE)
+            block, rest = state.pending[:end], state.pending[end:]
+            calls = parse_calls(block, self.tool_names or set())
+            if not calls:
+                break  # not a call after all: it ends up as text in the final chunk
+            state.pending = rest
+            if (calls[0].name, calls[0].arguments) not in state.calls_seen:
+                state.calls_seen.add((calls[0].name, calls[0].arguments))
+                out.extend(self._call_deltas(state, calls[0]))
+        return out or None
+
+    def _call_deltas(self, state: ChoiceState, call: ToolCall) -> list[dict]:
+        k = state.calls_sent
+        state.calls_sent += 1
+        first = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        deltas = [first] + [{"index": k, "function": {"arguments": a}} for a in _split_args(call.arguments)]
+        head = [{"role": "assistant", "content": None}] if k == 0 else []  # OpenAI's first call delta nulls content
+        return [self._chunk({"index": state.index, "delta": {**(head[0] if head and i == 0 else {}), "tool_calls": [d]},
+                             "logprobs": None, "finish_reason": None}) for i, d in enumerate(deltas)]
+
+    def _finish_reason(self, state: ChoiceState, calls: bool) -> str:
+        return "tool_calls" if calls and state.done.finish_reason == "stop" else state.done.finish_reason
+
     def final_chunk(self, state: ChoiceState) -> dict:
         if self.endpoint == "chat":
-            choice = {"index": state.index, "delta": {}, "logprobs": None, "finish_reason": state.done.finish_reason}
+            leftover = state.pending if state.mode != "text" else ""
+            state.pending = ""
+            # An unfinished or malformed call is shown as the text it is.
+            delta: dict = {"content": leftover} if leftover.strip() else {}
+            calls = state.calls_sent > 0 and not delta
+            choice = {"index": state.index, "delta": delta, "logprobs": None,
+                      "finish_reason": self._finish_reason(state, calls)}
         else:
             choice = {"index": state.index, "text": "", "logprobs": None, "finish_reason": state.done.finish_reason}
         obj = self._chunk(choice)
@@ -225,9 +296,14 @@ class ResponseBuilder:
         for s in states:
             text = "".join(s.text)
             if self.endpoint == "chat":
-                choices.append({"index": s.index, "message": {"role": "assistant", "content": text, "refusal": None},
-                                "logprobs": chat_logprobs(s.logprobs) if want_logprobs else None,
-                                "finish_reason": s.done.finish_reason})
+                calls = parse_calls(text, self.tool_names) if self.tool_names is not None else None
+                message: dict = {"role": "assistant", "content": text, "refusal": None}
+                if calls:
+                    message = {"role": "assistant", "content": None, "refusal": None,
+                               "tool_calls": [c.as_dict() for c in calls]}
+                choices.append({"index": s.index, "message": message,
+                                "logprobs": chat_logprobs(s.logprobs) if want_logprobs and not calls else None,
+                                "finish_reason": self._finish_reason(s, bool(calls))})
             else:
                 choices.append({"index": s.index, "text": text,
                                 "logprobs": completion_logprobs(s.logprobs, 0) if want_logprobs else None,

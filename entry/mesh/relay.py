@@ -149,6 +149,7 @@ def build_request(spec: GenerationSpec, model_sha256: str) -> InferRequest:
         prompt=spec.prompt if spec.kind == "completion" else "",
         logprobs=spec.logprobs,
         top_logprobs=spec.top_logprobs,
+        grammar=spec.grammar,
     )
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import trio
 
+from engine.grammar import Grammar, GrammarError, compile_grammar
 from engine.llama import BadRequest, Engine
 from engine.textstream import TextStream
 from entry.credits.ledger import Ledger, PartCredit, model_weight
@@ -356,15 +357,40 @@ class Verifier:
             owner += [k] * len(part.ids)
             start += len(part.ids)
         end_row: dict[str, float] = {}
+        grammar: Grammar | None = None
+        if req.grammar:
+            try:
+                grammar = compile_grammar(eng, req.grammar)
+            except GrammarError:
+                return _Outcome([], skipped="bad_grammar")  # a node refuses it too: nothing was generated
+        broke: dict[int, int] = {}  # part -> index of its first token the grammar forbids
 
         def consume(i: int, row) -> None:
+            # Under a grammar the node sampled from the masked row: so do we. After a forbidden
+            # token the grammar has no state to go on; that part has failed anyway.
+            if grammar is not None and not broke and (i < n or rec.finish_reason == "stop"):
+                if i < n and not grammar.allows(ids[i]):
+                    broke[owner[i]] = i
+                else:
+                    try:
+                        row = grammar.mask(row)
+                    except GrammarError:  # nothing may follow (not even an end)
+                        broke[owner[min(i, n - 1)]] = i
+                    if i < n:
+                        grammar.accept(ids[i])
             if i < n:
                 checkers[owner[i]].add(row, ids[i])
             elif rec.finish_reason == "stop":
                 end_row["dev"] = vs.end_deviation(row, params, prompt + ids, None if u is None else float(u[n]), model.end_ids)
 
-        eng.replay(prompt, ids, consume)
+        try:
+            eng.replay(prompt, ids, consume)
+        finally:
+            if grammar is not None:
+                grammar.close()
         checks = [c.finish() for c in checkers]
+        for k in broke:
+            checks[k].ok, checks[k].reason = False, "grammar_violation"
         last = len(rec.parts) - 1
         end_problem = self._end_problem(eng, rec, prompt, end_row.get("dev"))
         if checks[last].ok and end_problem:

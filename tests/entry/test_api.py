@@ -229,7 +229,7 @@ async def test_spec_carries_nothing_about_the_user(tmp_path):
     [spec] = backend.specs
     assert isinstance(spec, GenerationSpec)
     assert {f.name for f in dataclasses.fields(spec)} == {"model", "kind", "params", "messages", "prompt", "logprobs",
-                                                         "top_logprobs", "queue_key"}
+                                                         "top_logprobs", "grammar", "queue_key"}
     # The queue's turn-taking key: opaque, not the key or its id (and never sent to nodes).
     assert len(spec.queue_key) == 24 and ":" not in spec.queue_key and spec.queue_key not in key
     assert spec.model == "fake-model" and spec.kind == "chat" and spec.prompt == ""

@@ -71,8 +71,10 @@ INVALID_CHAT = [
     (chat_body(logprobs=True, top_logprobs=50), "top_logprobs"),
     (chat_body(stream="yes"), "stream"),
     (chat_body(stream=True, stream_options="usage"), "stream_options"),
-    (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    (chat_body(response_format={"type": "json_object"}), "response_format"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 3}}}]),
+     "tools[0].function.parameters"),
+    (chat_body(response_format={"type": "xml"}), "response_format.type"),
+    (chat_body(functions=[{"name": "f"}]), "functions"),
     (chat_body(logit_bias={"50256": -100}), "logit_bias"),
 ]
 

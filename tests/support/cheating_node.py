@@ -12,6 +12,8 @@ the cheat is patched in before it starts:
   inflate        sign receipts for more completion tokens than were streamed
   replay         re-send the first receipt it ever signed with every later answer
   forge          sign receipts with another key than the node's own
+  ignore-grammar run requests without their grammar (unconstrained text for a JSON request)
+  fake-json      answer a request that has a grammar with canned JSON that fits it
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+CANNED_JSON = '{"answer": "canned", "confidence": 1}'
 CANNED = "I am a helpful assistant. The answer to your question is simple: it depends on many factors."
 TRUNCATE_AFTER = 3
 
@@ -78,6 +81,30 @@ def cheat_canned() -> None:
             for t in ids:
                 yield Step(t, self.token_bytes(t).decode("utf-8", "replace"))
             yield Step(None, "", finish_reason="length" if len(ids) == budget else "stop")
+
+        return _FakeGeneration(steps(), len(prompt), request.params.seed or 0)
+
+    Engine.run = run
+
+
+def cheat_grammar(mode: str) -> None:
+    from engine.llama import Engine, Step
+
+    real_run = Engine.run
+
+    def run(self, request, *, cancel=None):
+        if not request.grammar:
+            return real_run(self, request, cancel=cancel)
+        if mode == "ignore-grammar":
+            # Skips the per-token mask, the cost a cheater would save.
+            return real_run(self, dataclasses.replace(request, grammar=""), cancel=cancel)
+        prompt = self.prompt_tokens(request)
+        ids = self.tokenize(CANNED_JSON)[: request.params.max_tokens]
+
+        def steps():
+            for t in ids:
+                yield Step(t, self.token_bytes(t).decode("utf-8", "replace"))
+            yield Step(None, "", finish_reason="stop")
 
         return _FakeGeneration(steps(), len(prompt), request.params.seed or 0)
 
@@ -141,7 +168,7 @@ def cheat_receipts(mode: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cheat", required=True, choices=("wrong-model", "canned", "truncate", "truncate-stop", "inflate",
-                                                        "replay", "forge"))
+                                                        "replay", "forge", "ignore-grammar", "fake-json"))
     ap.add_argument("--claim-model", help="wrong-model: the GGUF whose sha256 to advertise")
     ap.add_argument("mesh_args", nargs=argparse.REMAINDER)
     args = ap.parse_args()
@@ -150,6 +177,8 @@ def main() -> int:
         cheat_wrong_model(args.claim_model)
     elif args.cheat == "canned":
         cheat_canned()
+    elif args.cheat in ("ignore-grammar", "fake-json"):
+        cheat_grammar(args.cheat)
     elif args.cheat in ("truncate", "truncate-stop"):
         cheat_truncate("length" if args.cheat == "truncate" else "stop")
     else:

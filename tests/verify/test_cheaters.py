@@ -20,12 +20,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PROMPT = "Here is a short story about a robot who learns to paint:"
 
 
-def chat_spec(model: str, text: str, max_tokens: int, **params):
+def chat_spec(model: str, text: str, max_tokens: int, grammar: str = "", **params):
     from entry.backend import GenerationSpec
     from protocol.messages import ChatMessage, SamplingParams
 
     return GenerationSpec(model=model, kind="chat", params=SamplingParams(max_tokens=max_tokens, **params),
-                          messages=[ChatMessage("user", text)])
+                          messages=[ChatMessage("user", text)], grammar=grammar)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,24 @@ async def test_canary_probes_catch_a_cheater_without_any_user_traffic(tmp_path, 
         assert len(failed) >= 2 and len(failed) > len(canaries) / 2
         withheld = {r["request_id"] for r in entry.ledger.node_requests(node.peer_id) if r["state"] == "withheld"}
         assert withheld == {v.request_id for v in failed}
+
+
+@pytest.mark.parametrize("cheat", ["ignore-grammar", "fake-json"])
+async def test_grammar_cheats_are_caught(tmp_path, smollm2_path, cheat):
+    """JSON-mode requests (response_format json_object) to a node that drops the grammar, or
+    that answers with JSON of its own: both fail re-scoring under the request's grammar."""
+    from entry.api.structured import JSON_OBJECT_GRAMMAR
+
+    model_id = smollm2_path.name.removesuffix(".gguf")
+    async with verifying_entry(tmp_path, smollm2_path) as entry:
+        node = await entry.add_cheater("cheat", cheat, smollm2_path, "--model-name", model_id)
+        await wait_for(lambda: routable(entry.backend, node), 30, "cheater routable")
+        for params in (dict(), dict(temperature=0.8, seed=3)):
+            await collect(entry.backend, chat_spec(model_id, "Describe the sea as JSON.", 16, JSON_OBJECT_GRAMMAR, **params))
+        assert await entry.verifier.wait_idle(60)
+        verdicts = [v for v in entry.verifier.verdicts if v.peer_id == node.peer_id]
+        assert len(verdicts) == 2 and not any(v.passed for v in verdicts), verdicts
+        if cheat == "ignore-grammar":
+            assert {v.reason for v in verdicts} == {"grammar_violation"}
+        assert entry.ledger.node_totals(node.peer_id)["withheld"].requests == 2
+        print(f"\n{cheat}: " + ", ".join(f"{v.reason} (max deviation {v.max_deviation})" for v in verdicts))
