@@ -190,7 +190,7 @@ async def test_store_false_and_ignored_fields_are_accepted():
 async def test_auto_model_is_routed():
     from entry.targets import AutoRouting
 
-    # The first routed request builds the router's tables: seconds of CPU on a loaded machine.
+    # The first routed request imports the routing package: seconds on a loaded machine.
     with trio.fail_after(90):
         async with running_api(auto=AutoRouting()) as api:
             c = client(api, timeout=60)
