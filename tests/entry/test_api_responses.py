@@ -16,8 +16,8 @@ FULL = "".join(WORDS)
 RESPONSES = "/v1/responses"
 
 
-def client(api) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api.base_url + "/v1", api_key="unused", timeout=10, max_retries=0)
+def client(api, timeout: float = 10) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api.base_url + "/v1", api_key="unused", timeout=timeout, max_retries=0)
 
 
 async def in_thread(fn, *args, **kwargs):
@@ -190,9 +190,10 @@ async def test_store_false_and_ignored_fields_are_accepted():
 async def test_auto_model_is_routed():
     from entry.targets import AutoRouting
 
-    with trio.fail_after(20):
+    # The first routed request imports the routing package: seconds on a loaded machine.
+    with trio.fail_after(90):
         async with running_api(auto=AutoRouting()) as api:
-            c = client(api)
+            c = client(api, timeout=60)
             r = await in_thread(c.responses.with_raw_response.create, model="auto", input="What is 2+2?")
             s = await in_thread(lambda: list(c.responses.create(model="auto", input="What is 2+2?", stream=True)))
     body = r.parse()
