@@ -47,8 +47,9 @@ def add_parser(sub) -> None:
     s.add_argument("--queue-wait", type=float, help="seconds a request may wait in the entry's queue when every node "
                    "of its model is busy, before it gets 503 + Retry-After (default 300; the queue is fair across API "
                    "keys: round robin between keys, first come first served within one)")
-    s.add_argument("--queue-max", type=int, help="most requests waiting in the queue, all models together; one more "
-                   "gets 503 + Retry-After at once (default 256; 0 = no queue)")
+    s.add_argument("--queue-max", type=int, help="most requests waiting in the queue, all models together; past it a "
+                   "request gets 503 + Retry-After at once, unless another API key holds more places: that key's newest "
+                   "waiter gets the 503 instead (default 256; 0 = no queue)")
     s.add_argument("--ledger", help="credits database (SQLite; default: STATE_DIR/credits.db)")
     s.add_argument("--verify-model", action="append", metavar="PATH",
                    help="GGUF file to verify nodes serving the same file (same sha256) against (repeatable); "
