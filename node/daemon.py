@@ -158,7 +158,8 @@ class NodeDaemon:
         if manifest.sha256 != info.sha256:
             log.warning("model file changed while starting: not sharing it")
             return
-        self.share = ModelShare(info.path, manifest, rate_mb=self.cfg.share_rate)
+        self.share = ModelShare(info.path, manifest, rate_mb=self.cfg.share_rate,
+                                busy=lambda: self.service is not None and self.service.admission.active > 0)
         log.info("sharing the model file", extra={"chunks": manifest.chunks, "rate_mbps": self.cfg.share_rate})
 
     # ---- advertising ------------------------------------------------------------------------

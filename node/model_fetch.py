@@ -168,8 +168,10 @@ class _Meter:
         self.total, self.done, self.resumed = total, done, done
         self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), done)])
         self._cb = on_progress
+        self.peers = 0
 
     def add(self, n: int, peers: int) -> None:
+        self.peers = peers
         self.done += n
         now = time.monotonic()
         self._samples.append((now, self.done))
@@ -515,7 +517,7 @@ async def fetch_file(
                              f"committing to manifest {root[:16]}... lied; nothing was kept")
         await trio.to_thread.run_sync(part.commit)
         remember_sha256(dest, sha)
-        meter.report(0, finished=True)
+        meter.report(meter.peers, finished=True)
         return FetchResult(dest, reused=False, resumed_chunks=resumed, dropped=dropped)
     finally:
         part.close()

@@ -2,7 +2,10 @@
 
 Inference keeps priority: the file is read in worker threads, a chunk leaves in PIECE_SIZE
 frames paced by a token bucket (`--share-rate`), and at most MAX_UPLOADS chunks are in flight
-at once, so an upload costs the trio loop (which relays tokens) only short slices. What a
+at once, so an upload costs the trio loop (which relays tokens) only short slices. While the
+node is generating, uploads slow to BUSY_FRACTION of the rate: on a machine whose cores are
+all in use, moving and encrypting bytes at full rate took cores from llama.cpp (decode fell to
+~40% of idle in scripts/bench_share.py), and a downloader can wait where a chat reader can't. What a
 downloader can learn or cost is in SECURITY.md ("Model downloads").
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +43,7 @@ log = logging.getLogger("mesh.node.share")
 MAX_UPLOADS = 4  # chunks read and sent at once, all downloaders together (4 x 4 MiB of memory)
 UPLOAD_SLOT_WAIT_S = 20.0  # a request waits this long for a slot, then is answered busy
 IDLE_TIMEOUT_S = 60.0  # a stream with no request for this long is closed
+BUSY_FRACTION = 0.1  # of --share-rate, while generations run
 
 
 class TokenBucket:
@@ -54,12 +59,13 @@ class TokenBucket:
         self._at = trio.current_time()
         self._lock = trio.Lock()
 
-    async def take(self, n: int) -> None:
+    async def take(self, n: int, fraction: float = 1.0) -> None:
+        """Wait until `n` bytes may go out at `fraction` of the rate."""
         async with self._lock:  # first come, first served: uploads share the rate fairly
             now = trio.current_time()
             self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
             self._at = now
-            self._tokens -= n
+            self._tokens -= n / fraction
             if self._tokens < 0:
                 await trio.sleep(-self._tokens / self.rate)
 
@@ -74,8 +80,9 @@ class ShareStats:
 
 class ModelShare:
     def __init__(self, path: Path, manifest: Manifest, *, rate_mb: float, max_uploads: int = MAX_UPLOADS,
-                 idle_timeout: float = IDLE_TIMEOUT_S):
+                 idle_timeout: float = IDLE_TIMEOUT_S, busy: Callable[[], bool] = lambda: False):
         self.path = path
+        self._busy = busy  # whether generations are running now
         self.manifest = manifest
         self.stats = ShareStats()
         self._bucket = TokenBucket(rate_mb * 1e6, PIECE_SIZE)
@@ -138,7 +145,7 @@ class ModelShare:
             data = await trio.to_thread.run_sync(self._read, index)
             for off in range(0, len(data), PIECE_SIZE):
                 piece = data[off : off + PIECE_SIZE]
-                await self._bucket.take(len(piece))
+                await self._bucket.take(len(piece), BUSY_FRACTION if self._busy() else 1.0)
                 await writer.write_frame(piece_to_wire(Piece(index, off, piece)))
                 self.stats.bytes_sent += len(piece)
             self.stats.chunks_sent += 1

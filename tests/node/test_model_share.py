@@ -263,6 +263,27 @@ async def test_token_bucket_paces_to_the_rate():
     assert trio.current_time() - t0 >= 0.45
 
 
+async def test_uploads_slow_down_while_the_node_generates(model, tmp_path):
+    """busy() true (a generation runs): the share sends at BUSY_FRACTION of its rate."""
+    path, m = model
+    share = ModelShare(path, m, rate_mb=40, busy=lambda: True)  # 4 MB/s while busy
+    async with mesh([share]) as (dl, (host,)):
+        with trio.fail_after(60):
+            t0 = trio.current_time()
+            await fetch_file(dl, m.sha256, m.root, [host.peer_id], tmp_path / "dl" / "m.gguf")
+            took = trio.current_time() - t0
+    assert took >= (SIZE - PIECE_SIZE) / 4e6 * 0.95  # the first piece rides the burst
+
+
+async def test_token_bucket_at_a_fraction_of_its_rate():
+    bucket = TokenBucket(rate=1e6, burst=10_000)
+    t0 = trio.current_time()
+    with trio.fail_after(10):
+        for _ in range(6):
+            await bucket.take(10_000, fraction=0.1)
+    assert trio.current_time() - t0 >= 0.45
+
+
 def test_model_spec_parsing(tmp_path):
     assert parse_model_spec(None) is None
     assert parse_model_spec("sha256:" + "AB" * 32) == ("sha256", "ab" * 32)
