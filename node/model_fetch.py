@@ -53,12 +53,17 @@ PER_PEER = 2  # chunks in flight per peer: one being sent while the next is aske
 CHUNK_TIMEOUT_S = 120.0  # a whole 4 MiB chunk (35 kB/s): slower peers are dropped
 STALL_TIMEOUT_S = 20.0  # no byte from a peer for this long: dropped
 MANIFEST_TIMEOUT_S = 15.0
+FETCH_ROUNDS = 3  # look the peers up again this often when all of them were dropped
 DISK_MARGIN = 16 << 20  # keep this much free beyond the model itself
 _SHA_SPEC = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 
 
 class FetchError(ModelFileError):
     """The model could not be fetched; str() is one line for the operator."""
+
+
+class PeersExhausted(FetchError):
+    """Every peer was dropped before the file was complete; verified chunks are kept."""
 
 
 class PeerFailed(Exception):
@@ -238,11 +243,15 @@ class PartFile:
                 self.part.unlink(missing_ok=True)
             raise
         done = {i for i in done if self._verify_on_disk(i)}
-        self._side = open(self.sidecar, "a" if done else "w")
-        if not done:
-            self._side.write(self._header + "\n")
-            self._side.flush()
-            os.fsync(self._side.fileno())
+        # Rewritten whole (then renamed): a line the kill cut short must not merge with the
+        # next one appended.
+        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(f"{line}\n" for line in [self._header, *sorted(done)]))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.sidecar)
+        self._side = open(self.sidecar, "a")
         return done
 
     def _read_sidecar(self) -> set[int]:
@@ -418,7 +427,7 @@ async def get_manifest(host, sha: str, root: str, peers: list[str], dropped: dic
             log.warning("peer dropped", extra={"peer": peer, "reason": dropped[peer]})
             continue
         return m
-    raise FetchError(f"no peer sent a valid manifest for sha256:{sha[:16]}... ({len(peers)} tried)")
+    raise PeersExhausted(f"no peer sent a valid manifest for sha256:{sha[:16]}... ({len(peers)} tried)")
 
 
 async def fetch_file(
@@ -506,7 +515,7 @@ async def fetch_file(
                     nursery.start_soon(worker, p)
         if pending or len(done) < m.chunks:
             reasons = "; ".join(f"{p[:12]}...: {r}" for p, r in list(dropped.items())[:3])
-            raise FetchError(f"download incomplete ({len(done)}/{m.chunks} chunks kept for a resume): "
+            raise PeersExhausted(f"download incomplete ({len(done)}/{m.chunks} chunks kept for a resume): "
                              f"every peer failed ({reasons})")
         whole = await trio.to_thread.run_sync(part.whole_sha256)
         if whole != sha:
@@ -552,12 +561,21 @@ async def fetch_for_node(cfg, identity, spec: tuple[str, str]) -> tuple[Path, st
     if not cfg.bootstrap:
         raise FetchError("--model sha256:<hex> or <name> fetches the model from the mesh: give --bootstrap")
     async with open_mesh_host(identity, listen_host=cfg.listen_host, listen_port=0, bootstrap=cfg.bootstrap) as host:
-        res = await resolve(host, spec)
-        final = dest_dir / f"{res.sha256}.gguf"
-        log.info("fetching model from the mesh", extra={"model": res.name, "sha256": res.sha256[:16],
-                                                          "peers": len(res.peers), "root": res.root[:16]})
         report = progress_reporter(cfg.log_format)
-        result = await fetch_file(host, res.sha256, res.root, res.peers, final, on_progress=report)
+        for round_ in range(1, FETCH_ROUNDS + 1):
+            res = await resolve(host, spec)
+            final = dest_dir / f"{res.sha256}.gguf"
+            log.info("fetching model from the mesh", extra={"model": res.name, "sha256": res.sha256[:16],
+                                                              "peers": len(res.peers), "root": res.root[:16]})
+            try:
+                result = await fetch_file(host, res.sha256, res.root, res.peers, final, on_progress=report)
+                break
+            except PeersExhausted as e:
+                # Peers come and go: the ones serving now may differ, and the verified chunks stay.
+                if round_ == FETCH_ROUNDS:
+                    raise
+                log.warning(f"{e}; looking for peers again", extra={"round": round_ + 1})
+                await trio.sleep(2.0)
     if result.reused:
         log.info("model file already here", extra={"path": str(final)})
     else:

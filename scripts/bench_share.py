@@ -8,9 +8,9 @@ download  the bundled SmolLM2 GGUF (98 MB) fetched by node/model_fetch.fetch_fil
           a separate process (a libp2p host serving node/model_share.ModelShare, no model
           loaded); against shutil.copyfile + fsync of the same file. MB/s, best of --runs.
 decode    a real `mesh node start` daemon sharing its model at --share-rate: decode tok/s of
-          128-token greedy generations over /mesh/infer/1, idle, then while a separate process
-          downloads the model from it again and again, then idle again; the upload rate
-          reached meanwhile.
+          128-token greedy generations over /mesh/infer/1, alternately idle and while a
+          separate process downloads the model from it again and again (the upload rate
+          reached meanwhile is reported too); medians over max(4, --runs) rounds.
 Every process started here is stopped by its pid; every wait is bounded. Not a test: numbers
 depend on the machine and on what else runs on it.
 """
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,7 +133,7 @@ def bench_download(model: Path, tmp: Path, runs: int) -> dict:
             stop(proc)
 
 
-def bench_decode(model: Path, tmp: Path, rate: float, runs: int, threads: int) -> dict:
+def bench_decode(model: Path, tmp: Path, rate: float, rounds: int, threads: int) -> dict:
     from engine.model_file import file_manifest
 
     m = file_manifest(model)
@@ -145,19 +146,21 @@ def bench_decode(model: Path, tmp: Path, rate: float, runs: int, threads: int) -
     loader = None
     try:
         info = ready_file.wait(ready_file.path_in(state), node, 120, name="node", log_tail=lambda: "")
-        idle1 = trio.run(_decode, info, m.sha256, runs)
-        loader, lstate = spawn_self(tmp, "leech", "--leech", json.dumps(info), "--sha", m.sha256, "--root", m.root,
-                                    "--seconds", "600")
-        time.sleep(3)  # the first chunks are flowing
-        sent0, t0 = _sent(state), time.perf_counter()
-        busy = trio.run(_decode, info, m.sha256, runs)
-        upload = (_sent(state) - sent0) / (time.perf_counter() - t0) / 1e6
-        stop(loader)
-        idle2 = trio.run(_decode, info, m.sha256, runs)
-        idle = (idle1["decode_tps"] + idle2["decode_tps"]) / 2
-        return {"idle_decode_tps": [idle1["decode_tps"], idle2["decode_tps"]], "uploading_decode_tps": busy["decode_tps"],
-                "ratio": round(busy["decode_tps"] / idle, 3), "upload_mbps_during": round(upload, 1),
-                "share_rate": rate, "threads": threads}
+        idle, busy, uploads = [], [], []
+        # Alternated, so a change in the machine's other load hits both sides alike.
+        for _ in range(rounds):
+            idle.append(trio.run(_decode, info, m.sha256, 1)["decode_tps"])
+            loader, _ = spawn_self(tmp, "leech", "--leech", json.dumps(info), "--sha", m.sha256, "--root", m.root,
+                                   "--seconds", "600")
+            time.sleep(2)  # chunks are flowing
+            sent0, t0 = _sent(state), time.perf_counter()
+            busy.append(trio.run(_decode, info, m.sha256, 1)["decode_tps"])
+            uploads.append((_sent(state) - sent0) / (time.perf_counter() - t0) / 1e6)
+            stop(loader)
+            loader = None
+        med_idle, med_busy = statistics.median(idle), statistics.median(busy)
+        return {"idle_decode_tps": idle, "uploading_decode_tps": busy, "ratio_of_medians": round(med_busy / med_idle, 3),
+                "upload_mbps_while_generating": [round(u, 1) for u in uploads], "share_rate": rate, "threads": threads}
     finally:
         if loader is not None:
             stop(loader)
@@ -165,9 +168,11 @@ def bench_decode(model: Path, tmp: Path, rate: float, runs: int, threads: int) -
 
 
 def _sent(state: Path) -> int:
-    out = subprocess.run([sys.executable, "-m", "mesh_cli", "node", "status", "--json", "--state-dir", str(state)],
-                         capture_output=True, text=True, cwd=REPO, timeout=30).stdout
-    return int(json.loads(out)["share"]["bytes_sent"])
+    """Bytes the node has uploaded, from its control socket (no CLI process: on a loaded
+    machine starting one took over 30 s)."""
+    from node.control import call
+
+    return int(call(state / "node.sock", {"cmd": "status"})["share"]["bytes_sent"])
 
 
 async def _decode(info: dict, sha: str, runs: int) -> dict:
@@ -196,7 +201,7 @@ async def _decode(info: dict, sha: str, runs: int) -> dict:
     return summarize(samples[1:])
 
 
-def run(model: Path | None = None, runs: int = 2, rate: float = 1000.0, threads: int = 1,
+def run(model: Path | None = None, runs: int = 2, rate: float = 50.0, threads: int = 1,
         parts: tuple[str, ...] = ("download", "decode")) -> dict:
     from engine.model_file import bundled_model_path
 
@@ -208,7 +213,7 @@ def run(model: Path | None = None, runs: int = 2, rate: float = 1000.0, threads:
         if "download" in parts:
             out["download"] = bench_download(model, tmp, runs)
         if "decode" in parts:
-            out["decode"] = bench_decode(model, tmp, rate, max(3, runs), threads)
+            out["decode"] = bench_decode(model, tmp, rate, max(4, runs), threads)
     return out
 
 
@@ -216,7 +221,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GGUF path (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--share-rate", type=float, default=1000.0, help="the serving node's --share-rate in the decode part (MB/s)")
+    ap.add_argument("--share-rate", type=float, default=50.0, help="the serving node's --share-rate in the decode part (MB/s, default 50 as a node's)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the serving node (default 1: a core left for the upload)")
     ap.add_argument("--only", default="download,decode", help="comma-separated parts: download,decode")
     ap.add_argument("--json", help="write the results to this file")

@@ -218,6 +218,22 @@ async def test_resume_keeps_verified_chunks_and_rechecks_them(model, tmp_path):
     assert res.resumed_chunks == 1 and share.stats.chunks_sent == 2
 
 
+def test_a_cut_short_sidecar_line_does_not_merge_with_the_next(model, tmp_path):
+    path, m = model
+    dest = tmp_path / "dl" / "m.gguf"
+    part = PartFile(dest, m)
+    part.open()
+    part.write_chunk(0, path.read_bytes()[:CHUNK_SIZE])
+    part.close()
+    with open(part.sidecar, "a") as f:
+        f.write("1")  # killed while writing "1\n"
+    again = PartFile(dest, m)
+    assert again.open() == {0}
+    again.write_chunk(2, path.read_bytes()[2 * CHUNK_SIZE :])
+    again.close()
+    assert part.sidecar.read_text().splitlines()[1:] == ["0", "2"]
+
+
 async def test_full_disk_is_a_clear_error_before_any_transfer(model, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("SKIPPED LOUDLY: mounting a small tmpfs needs root (CI runs as root)")
