@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from engine.model_file import ModelInfo, bundled_model_path, file_manifest, inspect_model
+from engine.model_file import ModelFileError, ModelInfo, bundled_model_path, file_manifest, inspect_model
 from node.admission import Admission
 from node.config import NodeConfig
 from node.control import serve_control
@@ -154,7 +154,11 @@ class NodeDaemon:
         # The manifest is cached next to the sha256 (engine/model_file.py): hashing chunks of
         # a new file costs a pass over it, paid while the model loads.
         info = self.info
-        manifest = await trio.to_thread.run_sync(file_manifest, info.path)
+        try:
+            manifest = await trio.to_thread.run_sync(file_manifest, info.path)
+        except (ModelFileError, OSError) as e:  # serving matters more than sharing
+            log.warning(f"not sharing the model file: {e}")
+            return
         if manifest.sha256 != info.sha256:
             log.warning("model file changed while starting: not sharing it")
             return

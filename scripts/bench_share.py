@@ -158,13 +158,30 @@ def bench_decode(model: Path, tmp: Path, rate: float, rounds: int, threads: int)
             uploads.append((_sent(state) - sent0) / (time.perf_counter() - t0) / 1e6)
             stop(loader)
             loader = None
+        # What uploading costs the node itself, apart from the downloader (which on a real
+        # mesh is another machine, here it shares the cores): node CPU per MB sent, no generation.
+        loader, _ = spawn_self(tmp, "leech", "--leech", json.dumps(info), "--sha", m.sha256, "--root", m.root,
+                               "--seconds", "600")
+        time.sleep(2)
+        sent0, cpu0, t0 = _sent(state), _cpu_s(node.pid), time.perf_counter()
+        time.sleep(10)
+        sent, cpu, dt = _sent(state) - sent0, _cpu_s(node.pid) - cpu0, time.perf_counter() - t0
+        stop(loader)
+        loader = None
         med_idle, med_busy = statistics.median(idle), statistics.median(busy)
-        return {"idle_decode_tps": idle, "uploading_decode_tps": busy, "ratio_of_medians": round(med_busy / med_idle, 3),
+        return {"upload_only_mbps": round(sent / dt / 1e6, 1), "node_cpu_ms_per_mb": round(cpu * 1000 / max(sent / 1e6, 1e-9), 1),
+                "idle_decode_tps": idle, "uploading_decode_tps": busy, "ratio_of_medians": round(med_busy / med_idle, 3),
                 "upload_mbps_while_generating": [round(u, 1) for u in uploads], "share_rate": rate, "threads": threads}
     finally:
         if loader is not None:
             stop(loader)
         stop(node)
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _sent(state: Path) -> int:

@@ -329,3 +329,21 @@ def test_choose_takes_the_majority_root_and_refuses_ambiguous_names():
         choose([_Adv("n4", a, "m", "")], ("sha256", a))
     with pytest.raises(FetchError, match="no node .* named 'x'"):
         choose(advs, ("name", "x"))
+
+
+def test_progress_bar_on_a_terminal_shows_bytes_rate_eta_and_peers():
+    import io
+
+    from node.model_fetch import Progress, progress_reporter
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    report = progress_reporter("text", out)
+    report(Progress(50_000_000, 100_000_000, 0, 12.5e6, 3, 4.0))
+    report(Progress(100_000_000, 100_000_000, 0, 12.5e6, 3, 0.0, finished=True))
+    text = out.getvalue()
+    assert "50.0 MB/100.0 MB" in text and "12.5 MB/s" in text and "ETA    4s" in text and "peers 3" in text
+    assert text.endswith("\n") and "100.0%" in text
