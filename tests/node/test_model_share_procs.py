@@ -81,7 +81,7 @@ async def test_kill9_mid_download_resumes_from_verified_chunks(tmp_path, seeder)
     sidecar = d.state_dir / "models" / f"{sha}.gguf.part.chunks"
     try:
         with trio.fail_after(120):
-            while not (sidecar.exists() and len(sidecar.read_text().splitlines()) >= 4):
+            while not (sidecar.exists() and len(sidecar.read_text().splitlines()) >= 5):
                 assert d.proc.poll() is None, d.log()[-2000:]
                 await trio.sleep(0.05)
     finally:
@@ -93,4 +93,5 @@ async def test_kill9_mid_download_resumes_from_verified_chunks(tmp_path, seeder)
     d2.stop()
     assert file_sha256(d.state_dir / "models" / f"{sha}.gguf") == sha
     resumed = [x for x in _json_lines(d2.log()) if x.get("msg") == "resuming download"]
-    assert resumed and resumed[0]["chunks_verified"] >= min(kept, 3) - 1
+    # Every listed chunk was fsync'd before it was listed; only a line the kill cut short is lost.
+    assert resumed and resumed[0]["chunks_verified"] >= max(kept - 1, 3)
