@@ -5,13 +5,15 @@ killed with SIGKILL resumes from its verified chunks. Every wait is bounded."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 
 import pytest
 import trio
 
 from engine.model_file import file_sha256
-from tests.support.node_procs import spawn_node, start_node, wait_ready
+from tests.support.node_procs import REPO, mesh_cmd, spawn_node, start_node, wait_ready
 
 pytestmark = pytest.mark.slow
 NAME = "smol-shared"
@@ -95,3 +97,11 @@ async def test_kill9_mid_download_resumes_from_verified_chunks(tmp_path, seeder)
     resumed = [x for x in _json_lines(d2.log()) if x.get("msg") == "resuming download"]
     # Every listed chunk was fsync'd before it was listed; only a line the kill cut short is lost.
     assert resumed and resumed[0]["chunks_verified"] >= max(kept - 1, 3)
+
+
+def test_fetching_without_bootstrap_is_one_line(tmp_path):
+    out = subprocess.run(mesh_cmd("node", "start", "--model", "sha256:" + "ab" * 32, "--state-dir", str(tmp_path / "s")),
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "MESH_HOME": str(tmp_path / "home")})
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mesh: error:") and "give --bootstrap" in lines[0], out.stderr
