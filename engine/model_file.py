@@ -24,7 +24,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from protocol.model_transfer import CHUNK_SIZE, Manifest, chunk_count
+
 _HASH_CACHE_FILE = "sha256-cache.json"
+_MANIFEST_CACHE_FILE = "manifest-cache.json"
 _HASH_CACHE_MAX = 64  # entries; a node rarely sees more than a handful of model files
 
 
@@ -257,6 +260,56 @@ def file_sha256(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
     return digest
 
 
+def file_manifest(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
+                  chunk_size: int = CHUNK_SIZE) -> Manifest:
+    """The chunk-hash manifest a node shares its model file with (protocol/model_transfer.py).
+
+    Cached like the sha256 (same key: path, size, mtime), and computed in the same pass as
+    the sha256, which it caches too: the ~1 s it takes for a 100 MB file is paid once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{chunk_size}"
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = _load_cache(base / _MANIFEST_CACHE_FILE)
+    hit = cache.get(key)
+    if isinstance(hit, dict):
+        try:
+            m = Manifest(str(hit["sha256"]), st.st_size, chunk_size, bytes.fromhex(str(hit["hashes"])))
+            if len(m.hashes) == 32 * chunk_count(st.st_size, chunk_size):
+                return m
+        except (KeyError, ValueError):
+            pass  # damaged entry: recompute
+    whole = hashlib.sha256()
+    hashes = bytearray()
+    try:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(chunk_size), b""):
+                whole.update(chunk)
+                hashes += hashlib.sha256(chunk).digest()
+    except OSError as e:
+        raise ModelFileError(f"cannot read model file {p}: {e.strerror or e}") from None
+    m = Manifest(whole.hexdigest(), st.st_size, chunk_size, bytes(hashes))
+    cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")}
+    cache[key] = {"sha256": m.sha256, "hashes": m.hashes.hex()}
+    if len(cache) > _HASH_CACHE_MAX:
+        cache = dict(list(cache.items())[-_HASH_CACHE_MAX:])
+    _store_cache(base / _MANIFEST_CACHE_FILE, cache)
+    remember_sha256(p, m.sha256, cache_dir)
+    return m
+
+
+def remember_sha256(path: str | os.PathLike[str], digest: str, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    """Record a digest computed elsewhere (a finished download hashed the file as it went)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    cache_path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / _HASH_CACHE_FILE
+    cache = {k: v for k, v in _load_cache(cache_path).items() if not k.startswith(f"{p}|")}
+    cache[f"{p}|{st.st_size}|{st.st_mtime_ns}"] = digest
+    if len(cache) > _HASH_CACHE_MAX:
+        cache = dict(list(cache.items())[-_HASH_CACHE_MAX:])
+    _store_cache(cache_path, cache)
+
+
 def _hash_file(p: Path) -> str:
     h = hashlib.sha256()
     try:
@@ -280,7 +333,7 @@ def _store_cache(cache_path: Path, cache: dict[str, Any]) -> None:
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: two nodes starting together must never leave half a file.
-        fd, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=".sha256-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=f".{cache_path.stem}-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(cache, f)

@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", action="append", metavar="PATH",
                    help="GGUF file to serve (repeatable; default: the bundled SmolLM2-135M-Instruct and Gemma 3 270M)")
     p.add_argument("--state-dir", help="where keys, ready files and logs go (default: ~/.mesh/demo)")
+    p.add_argument("--join-by-name", action="store_true", help="once the mesh is ready, start one more node given only "
+                   "the first model's name (--model NAME): it fetches the file from the serving node, then serves it")
     p.set_defaults(func=run)
 
 
@@ -125,6 +127,14 @@ def run(args: argparse.Namespace) -> int:
         if not served:
             raise RuntimeError("the entry sees no node; see the logs in " + str(logs))
         model_id = served[0]["id"]
+        if args.join_by_name:
+            name = plan[0][1].name.removesuffix(".gguf")  # what the first node advertises
+            print(f"starting one more node with only --model {name}: fetching the file from the mesh …", flush=True)
+            joiner = Child("joiner", ["node", "start", "--bootstrap", bootstrap, "--threads", str(plan[0][2]), "--model", name],
+                           state / "joiner", logs)
+            children.append(joiner)
+            joiner.wait_ready(300)
+            served = _models(url)
         listing = ", ".join(f"{m['id']} ({m.get('nodes', 0)} node{'s' if m.get('nodes', 0) != 1 else ''})" for m in served)
         print(f"""
 mesh ready: {listing}

@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
                       "finish within --drain-seconds, then exits; a second Ctrl-C exits at once. "
                       "Flags override the --config file; the file's [node] table takes the same names with underscores.")
     s.add_argument("--config", help="TOML config file with the same settings (e.g. slots = 2)")
-    s.add_argument("--model", help="path to a GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    s.add_argument("--model", help="path to a GGUF file (default: the bundled SmolLM2-135M-Instruct), or a model the mesh "
+                   "serves, fetched from its nodes into STATE_DIR/models/ before serving: sha256:<hex>, or the model's "
+                   "name as adverts give it (needs --bootstrap); a file already there is checked and reused")
     s.add_argument("--model-name", help="model id users ask for in the API (default: the file name without .gguf)")
     s.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU if llama.cpp was built with GPU support; -1 = all (default 0)")
     s.add_argument("--threads", type=int, help="llama.cpp threads per slot (default: CPU cores / slots)")
@@ -42,6 +44,10 @@ def add_parser(sub) -> None:
     s.add_argument("--synthetic", metavar="NAME", help="benchmarks only: serve a synthetic engine (no model; "
                    "deterministic tokens at --synthetic-rate) under this model name instead of a GGUF file")
     s.add_argument("--synthetic-rate", type=float, help="tokens/s per generation of the --synthetic engine (default 500)")
+    s.add_argument("--no-share-model", dest="share_model", action="store_false", default=None,
+                   help="don't hand our model file to nodes fetching it (shared by default over /mesh/model/1)")
+    s.add_argument("--share-rate", type=float, metavar="MB/S", help="upload limit for sharing the model file, "
+                   "all downloaders together (default 50 MB/s)")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
 
@@ -55,7 +61,7 @@ def add_parser(sub) -> None:
 
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
-               "log_format", "log_level", "synthetic", "synthetic_rate")
+               "log_format", "log_level", "synthetic", "synthetic_rate", "share_model", "share_rate")
 
 
 def cmd_start(args: argparse.Namespace) -> int:

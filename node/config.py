@@ -11,7 +11,7 @@ from runtime.settings import load_settings, mesh_home
 
 @dataclass
 class NodeConfig:
-    model: str | None = None  # GGUF path; None = the bundled SmolLM2-135M-Instruct
+    model: str | None = None  # GGUF path, "sha256:<hex>" or a model name (fetched from the mesh); None = bundled SmolLM2
     model_name: str | None = None  # the id users ask for; default: the file name without .gguf
     gpu_layers: int = 0  # layers offloaded to the GPU when the build supports it; -1 = all
     threads: int | None = None  # llama.cpp threads per slot; default: cores / slots
@@ -34,6 +34,8 @@ class NodeConfig:
     # this model name instead of a GGUF file, emitting synthetic_rate tokens/s per generation.
     synthetic: str | None = None
     synthetic_rate: float = 500.0
+    share_model: bool = True  # hand our model file to nodes that fetch it (/mesh/model/1)
+    share_rate: float = 50.0  # MB/s all uploads together may use
 
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else mesh_home() / "node"
@@ -70,6 +72,8 @@ class NodeConfig:
             raise ValueError("--synthetic needs a model name of 1-128 characters")
         if self.synthetic_rate <= 0:
             raise ValueError("--synthetic-rate must be > 0")
+        if not 0 < self.share_rate <= 100_000:
+            raise ValueError("--share-rate must be > 0 (MB/s)")
 
 
 def load_config(path: str | None, overrides: dict) -> NodeConfig:

@@ -1,6 +1,7 @@
 """The node daemon: load the model, measure it, join the mesh, serve, and leave cleanly.
 
-Lifecycle: inspect + load (progress logged) -> self-benchmark -> libp2p host + DHT ->
+Lifecycle: fetch the model from the mesh if --model names one (node/model_fetch.py) ->
+inspect + load (progress logged) -> self-benchmark -> libp2p host + DHT ->
 advertise on a period -> serve /mesh/infer/1 -> on SIGINT/SIGTERM/`mesh node stop`: refuse new
 work, tell entries, let in-flight work finish within the grace period, cancel the rest, exit 0.
 A second signal exits at once.
@@ -16,15 +17,18 @@ from pathlib import Path
 
 import trio
 
-from engine.model_file import ModelInfo, bundled_model_path, inspect_model
+from engine.model_file import ModelFileError, ModelInfo, bundled_model_path, file_manifest, inspect_model
 from node.admission import Admission
 from node.config import NodeConfig
 from node.control import serve_control
+from node.model_fetch import parse_model_spec
+from node.model_share import ModelShare
 from node.receipt_log import FILE_NAME as RECEIPTS_FILE
 from node.receipt_log import ReceiptLog
 from node.service import NodeService, NodeStats, buffer_budget
 from protocol import INFER_PROTOCOL_ID
 from protocol.identity import Identity
+from protocol.model_transfer import MODEL_PROTOCOL_ID
 from protocol.records import CapacityAdvert
 from runtime import ready_file
 from runtime.heap import freeze_startup_heap
@@ -85,18 +89,26 @@ class NodeDaemon:
         self._replicated_at: float | None = None  # monotonic time the storers last got our advert
         self._stop = trio.Event()
         self._stopping = False
+        self.share: ModelShare | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
         cfg = self.cfg
+        self.identity = Identity.load_or_create(cfg.identity_path())
+        if not cfg.synthetic and (spec := parse_model_spec(cfg.model)) is not None:
+            from node.model_fetch import fetch_for_node
+
+            path, name = await fetch_for_node(cfg, self.identity, spec)
+            cfg.model, cfg.model_name = str(path), cfg.model_name or name
         self.info = info = resolve_model(cfg)
         log.info("model ok", extra={"model": info.name, "arch": info.architecture, "quant": info.quantization,
                                     "sha256": info.sha256[:16], "ctx_trained": info.context_length})
-        self.identity = Identity.load_or_create(cfg.identity_path())
         async with trio.open_nursery() as nursery:
             # libp2p's import costs ~1 s of CPU: paid while the model loads, not after it, so
             # a loaded node joins the mesh at once.
             nursery.start_soon(trio.to_thread.run_sync, _import_p2p)
+            if cfg.share_model and not cfg.synthetic:
+                nursery.start_soon(self._prepare_share)
             engines = await trio.to_thread.run_sync(load_engines, cfg, info)
         if not cfg.skip_benchmark:
             def progress(frac: float, msg: str) -> None:
@@ -118,6 +130,8 @@ class NodeDaemon:
                                   bootstrap=cfg.bootstrap) as host:
             self.host = host
             host.set_stream_handler(INFER_PROTOCOL_ID, self.service.handle_stream)
+            if self.share is not None:
+                host.set_stream_handler(MODEL_PROTOCOL_ID, self.share.handle_stream)
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_control, cfg.control_socket(), self._control)
                 nursery.start_soon(self._watch_signals, nursery.cancel_scope)
@@ -131,8 +145,26 @@ class NodeDaemon:
                 await self._drain()
                 nursery.cancel_scope.cancel()
         self._clear_ready()
+        if self.share is not None:
+            self.share.close()
         log.info("node stopped", extra={"requests": self.stats.requests_served, "tokens": self.stats.tokens_served})
         return 0
+
+    async def _prepare_share(self) -> None:
+        # The manifest is cached next to the sha256 (engine/model_file.py): hashing chunks of
+        # a new file costs a pass over it, paid while the model loads.
+        info = self.info
+        try:
+            manifest = await trio.to_thread.run_sync(file_manifest, info.path)
+        except (ModelFileError, OSError) as e:  # serving matters more than sharing
+            log.warning(f"not sharing the model file: {e}")
+            return
+        if manifest.sha256 != info.sha256:
+            log.warning("model file changed while starting: not sharing it")
+            return
+        self.share = ModelShare(info.path, manifest, rate_mb=self.cfg.share_rate,
+                                busy=lambda: self.service is not None and self.service.admission.active > 0)
+        log.info("sharing the model file", extra={"chunks": manifest.chunks, "rate_mbps": self.cfg.share_rate})
 
     # ---- advertising ------------------------------------------------------------------------
     def _advert(self, draining: bool = False) -> CapacityAdvert:
@@ -146,6 +178,7 @@ class NodeDaemon:
             prefill_tps=float(self.stats.prefill_tps), decode_tps=float(self.stats.decode_tps),
             total_slots=svc.admission.total, free_slots=0 if draining else svc.admission.free,
             seq=self._seq, issued_at=now, expires_at=now + ttl, addrs=list(self.host.listen_addrs)[:16],
+            manifest_root=self.share.manifest.root if self.share is not None else "",
         )
 
     async def _publish(self, draining: bool = False) -> None:
@@ -223,6 +256,8 @@ class NodeDaemon:
             "prefill_tps": self.stats.prefill_tps, "decode_tps": self.stats.decode_tps,
             "requests_served": self.stats.requests_served, "requests_failed": self.stats.requests_failed,
             "tokens_served": self.stats.tokens_served,
+            "share": None if self.share is None else {"rate_mbps": self.cfg.share_rate, "bytes_sent": self.share.stats.bytes_sent,
+                                                      "chunks_sent": self.share.stats.chunks_sent},
             "uptime_s": round(time.time() - self.stats.started_at, 1), "pid": os.getpid(),
         }
 

@@ -78,6 +78,13 @@ def _typed(fields: dict[str, Any], spec: Mapping[str, type]) -> dict[str, Any]:
     return out
 
 
+def _optional_digest(fields: dict[str, Any], name: str) -> str:
+    v = fields.get(name, "")
+    if not isinstance(v, str) or v and (len(v) != 64 or v.strip("0123456789abcdef")):
+        raise RecordError(f"record field {name!r} must be 64 lowercase hex characters or empty")
+    return v
+
+
 @dataclass
 class CapacityAdvert:
     node: str  # peer id of the signer
@@ -93,6 +100,9 @@ class CapacityAdvert:
     issued_at: float
     expires_at: float
     addrs: list[Any] = field(default_factory=list)  # multiaddrs the node listens on
+    # protocol/model_transfer.manifest_root of the model file when the node shares it over
+    # /mesh/model/1, else "". Optional on the wire: adverts from nodes that predate it parse.
+    manifest_root: str = ""
 
     KIND = "advert"
     _SPEC = {
@@ -108,7 +118,8 @@ class CapacityAdvert:
 
     @classmethod
     def verify(cls, blob: Any, *, now: float | None = None, node: str | None = None, model_sha256: str | None = None) -> CapacityAdvert:
-        adv = cls(**_typed(_open(blob, cls.KIND), cls._SPEC))
+        fields = _open(blob, cls.KIND)
+        adv = cls(**_typed(fields, cls._SPEC), manifest_root=_optional_digest(fields, "manifest_root"))
         now = time.time() if now is None else now
         if adv.expires_at <= now:
             raise RecordError("advert expired")

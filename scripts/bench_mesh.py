@@ -26,6 +26,8 @@ Sections (all by default; --only picks some):
             discovered, RSS per node, DHT lookup latency from a fresh client; then traffic while
             nodes are SIGKILLed and new ones added: failed requests (target 0) and how requests
             spread over nodes
+  share     model sharing (scripts/bench_share.py): download MB/s from 1 and 3 peers vs a local
+            file copy; a serving node's decode tok/s while uploading vs idle
 Targets (issue 6): entry >= 10,000 tok/s at 64 streams with p99 gap <= 50 ms on 2 cores; a
 new node routable <= 2 s; a killed node out of routing <= 5 s.
 
@@ -568,6 +570,17 @@ def section_taskrouting(args) -> dict:
         return json.loads(out.read_text())
 
 
+def section_share(args) -> dict:
+    """Model sharing, from its own script (scripts/bench_share.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "share.json"
+        cmd = [PY, str(REPO / "scripts" / "bench_share.py"), "--json", str(out)]
+        if args.quick:
+            cmd += ["--runs", "1"]
+        subprocess.run(cmd, check=True, cwd=REPO, timeout=1200)
+        return json.loads(out.read_text())
+
+
 def section_failover(args) -> dict:
     kills = args.failover_kills
     model = "synth-failover"
@@ -881,7 +894,7 @@ def churn(m: Mesh, model: str, args) -> dict:
 
 # ---- main ----------------------------------------------------------------------------------
 
-SECTIONS = ("overhead", "capacity", "routing", "taskrouting", "failover", "scale", "burst")
+SECTIONS = ("overhead", "capacity", "routing", "taskrouting", "failover", "scale", "burst", "share")
 
 
 def summary(results: dict) -> list[dict]:
@@ -1007,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.monotonic()
     fns = {"overhead": section_overhead, "capacity": section_capacity, "routing": section_routing,
            "taskrouting": section_taskrouting, "failover": section_failover, "scale": section_scale,
-           "burst": section_burst}
+           "burst": section_burst, "share": section_share}
     out_path = Path(args.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for name in SECTIONS:
