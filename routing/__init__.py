@@ -15,12 +15,64 @@ per request, and benchmarks can run anywhere. Overview:
 
 from __future__ import annotations
 
-from .baselines import KnnBaseline, TaskTableBaseline
-from .benchmark import AnswerRecord, Complete, ModelStats, SuiteRun, run_suite, write_suite_table
-from .evaluate import CvResult, EvalError, EvalResult, cross_validate, evaluate_router
-from .router import Decision, Policy, Router, RouterConfig, RoutingError, fit_router, load_router
-from .suite import SuiteError, SuiteRow, builtin_suite_path, load_suite, score_answer
-from .tables import ModelPrice, ScoreRow, TableError, load_prices, load_table, messages_text, write_table
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .baselines import KnnBaseline, TaskTableBaseline
+    from .benchmark import AnswerRecord, Complete, ModelStats, SuiteRun, run_suite, write_suite_table
+    from .evaluate import CvResult, EvalError, EvalResult, cross_validate, evaluate_router
+    from .router import Decision, Policy, Router, RouterConfig, RoutingError, fit_router, load_router
+    from .suite import SuiteError, SuiteRow, builtin_suite_path, load_suite, score_answer
+    from .tables import ModelPrice, ScoreRow, TableError, load_prices, load_table, messages_text, write_table
+
+# Names are loaded on first use: the submodules pull in scikit-learn (~1-5 s to import), which
+# every `mesh` command would otherwise pay because the CLI reaches routing.tables and the
+# demo's table path.
+_WHERE = {
+    "AnswerRecord": "benchmark",
+    "Complete": "benchmark",
+    "CvResult": "evaluate",
+    "Decision": "router",
+    "EvalError": "evaluate",
+    "EvalResult": "evaluate",
+    "KnnBaseline": "baselines",
+    "ModelPrice": "tables",
+    "ModelStats": "benchmark",
+    "Policy": "router",
+    "Router": "router",
+    "RouterConfig": "router",
+    "RoutingError": "router",
+    "ScoreRow": "tables",
+    "SuiteError": "suite",
+    "SuiteRow": "suite",
+    "SuiteRun": "benchmark",
+    "TableError": "tables",
+    "TaskTableBaseline": "baselines",
+    "builtin_suite_path": "suite",
+    "cross_validate": "evaluate",
+    "evaluate_router": "evaluate",
+    "fit_router": "router",
+    "load_prices": "tables",
+    "load_router": "router",
+    "load_suite": "suite",
+    "load_table": "tables",
+    "messages_text": "tables",
+    "run_suite": "benchmark",
+    "score_answer": "suite",
+    "write_suite_table": "benchmark",
+    "write_table": "tables",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'routing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AnswerRecord",

@@ -11,11 +11,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .evaluate import EvalError, EvalResult, evaluate_router
-from .router import Policy, RoutingError, fit_router, load_router
 from .tables import ModelPrice, TableError, load_prices, load_table
+
+if TYPE_CHECKING:
+    from .evaluate import EvalResult
+
+# .evaluate and .router import scikit-learn: loaded in the commands that use them, not when
+# `mesh` builds its argument parser.
 
 __all__ = ["RouteCliError", "add_parser", "add_route_commands", "format_eval"]
 
@@ -70,6 +74,9 @@ def format_eval(result: EvalResult, train_name: str, test_name: str, sweep: str 
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalError, evaluate_router
+    from .router import RoutingError
+
     train_path, test_path = Path(args.train), Path(args.test)
     try:
         train = load_table(train_path)
@@ -86,6 +93,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from .router import RoutingError, fit_router
+
     table = Path(args.table)
     try:
         prices = _prices_for(args, table)
@@ -100,6 +109,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from .router import Policy, RoutingError, load_router
+
     try:
         router = load_router(args.router)
         models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(router.models)
