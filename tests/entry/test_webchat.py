@@ -6,72 +6,16 @@ Driven over the DevTools protocol with trio-websocket, so no driver binary is ne
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
-import httpx
 import pytest
 import trio
-from trio_websocket import open_websocket_url
 
 from entry.api.apikeys import ApiKeyStore
-from tests.support.browser import CHROMIUM, CHROMIUM_FLAGS
+from tests.support.browser import CHROMIUM
+from tests.support.cdp import open_page
 from tests.support.fake_backend import DESCRIPTION, FakeBackend, running_api
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary (apt-get install chromium)")
-
-
-class Page:
-    def __init__(self, ws):
-        self.ws = ws
-        self.next_id = 0
-
-    async def call(self, method: str, **params) -> dict:
-        self.next_id += 1
-        await self.ws.send_message(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(await self.ws.get_message())
-            if msg.get("id") == self.next_id:
-                assert "error" not in msg, msg
-                return msg["result"]
-
-    async def js(self, expr: str):
-        r = await self.call("Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True)
-        assert "exceptionDetails" not in r, r
-        return r["result"].get("value")
-
-    async def wait_for(self, expr: str):
-        """Poll until `expr` is truthy (the caller's fail_after bounds it)."""
-        while not (value := await self.js(f"(() => {{ try {{ return {expr}; }} catch (e) {{ return null; }} }})()")):
-            await trio.sleep(0.05)
-        return value
-
-
-async def open_page(nursery, profile: Path, url: str) -> Page:
-    # Chromium lives in the caller's nursery: cancelling it kills the browser.
-    await nursery.start(lambda task_status: trio.run_process(
-        [CHROMIUM, *CHROMIUM_FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, task_status=task_status))
-    port_file = profile / "DevToolsActivePort"
-    while not port_file.exists() or len(port_file.read_text().splitlines()) < 2:
-        await trio.sleep(0.05)
-    port = port_file.read_text().splitlines()[0]
-    async with httpx.AsyncClient() as c:
-        targets = (await c.get(f"http://127.0.0.1:{port}/json")).json()
-    ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-    ws = await nursery.start(_hold_websocket, ws_url)
-    page = Page(ws)
-    await page.call("Page.enable")
-    await page.call("Page.navigate", url=url)
-    # Navigation answers before the new document exists.
-    await page.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'")
-    return page
-
-
-async def _hold_websocket(url, *, task_status):
-    async with open_websocket_url(url, max_message_size=50_000_000) as ws:
-        task_status.started(ws)
-        await trio.sleep_forever()
 
 
 async def test_webchat_streams_an_answer_and_stops(tmp_path):
