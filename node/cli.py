@@ -42,6 +42,12 @@ def add_parser(sub) -> None:
     s.add_argument("--synthetic", metavar="NAME", help="benchmarks only: serve a synthetic engine (no model; "
                    "deterministic tokens at --synthetic-rate) under this model name instead of a GGUF file")
     s.add_argument("--synthetic-rate", type=float, help="tokens/s per generation of the --synthetic engine (default 500)")
+    s.add_argument("--console-port", type=int, metavar="N",
+                   help="serve the node console (what this node served, its credits, a stop button) on "
+                   "http://127.0.0.1:N/ only; 0 = any free port (logged); off by default")
+    s.add_argument("--console-entry", dest="console_entries", action="append", metavar="URL",
+                   help="an entry's base URL whose signed credit statement the console shows next to this node's "
+                   "receipts (repeatable), e.g. http://127.0.0.1:8000")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
 
@@ -55,7 +61,7 @@ def add_parser(sub) -> None:
 
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
-               "log_format", "log_level", "synthetic", "synthetic_rate")
+               "log_format", "log_level", "synthetic", "synthetic_rate", "console_port", "console_entries")
 
 
 def cmd_start(args: argparse.Namespace) -> int:
