@@ -91,7 +91,7 @@ function update(s) {
   $("t-tokens").textContent = fmt(st.tokens_served);
   $("t-failed").textContent = fmt(st.requests_failed);
   $("t-load").textContent = `${st.active}/${st.slots} busy` + (st.queued ? `, ${st.queued} queued` : "");
-  $("t-speed").textContent = st.decode_tps ? `${fmt(st.decode_tps, 1)} tok/s` : "not measured";
+  $("t-speed").textContent = st.decode_tps ? `${fmt(st.decode_tps, 1)} tok/s` : "–";
   $("t-uptime").textContent = duration(st.uptime_s);
   updateCharts(s.series);
 

@@ -168,3 +168,25 @@ async def test_console_in_chromium_shows_a_real_mesh_and_charts_traffic(tmp_path
             finally:
                 with trio.CancelScope(shield=True):
                     await stop_nodes(nodes)
+
+
+@needs_chromium
+async def test_console_page_asks_for_a_key_on_a_keyed_entry(tmp_path):
+    from tests.support.cdp import open_page
+
+    store = ApiKeyStore(tmp_path / "keys.db")
+    _, key = store.create("ops")
+    try:
+        with trio.fail_after(60):
+            async with running_api(open_mode=False, keys=store) as api, trio.open_nursery() as nursery:
+                page = await open_page(nursery, tmp_path / "profile", api.base_url + "/console")
+                error = await page.wait_for("!document.getElementById('error').hidden && document.getElementById('error').textContent")
+                assert "API key" in error and not await page.js("document.getElementById('key-form').hidden")
+                assert await page.js("document.querySelectorAll('#nodes tbody tr').length") == 0
+                await page.js(f"document.getElementById('api-key').value = {key!r}; "
+                              "document.getElementById('key-form').requestSubmit()")
+                assert await page.wait_for("document.querySelectorAll('#nodes tbody tr').length === 2")
+                assert await page.js("document.getElementById('error').hidden && document.getElementById('key-form').hidden")
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from entry.api.apikeys import ApiKeyStore
+from entry.backend import DoneEvent, ServedPart, TokenEvent
 from tests.support.browser import CHROMIUM
 from tests.support.cdp import open_page
-from entry.backend import DoneEvent, ServedPart, TokenEvent
 from tests.support.fake_backend import DESCRIPTION, FakeBackend, running_api
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary (apt-get install chromium)")
