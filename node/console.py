@@ -38,7 +38,10 @@ PAGE_DIR = Path(__file__).parent / "console_page"
 HOST = "127.0.0.1"
 TOKEN_HEADER = "X-Mesh-Console-Token"
 SAMPLE_S = 2.0  # how often the served counters are read into the series
-STATEMENTS_CACHE_S = 30.0  # entries are asked at most this often (they rate-limit signed queries)
+# Entries are asked again after this long, or sooner (but not within STATEMENTS_MIN_S) once the
+# node has served more: a statement changes when work is booked, and later when it vests.
+STATEMENTS_CACHE_S = 30.0
+STATEMENTS_MIN_S = 3.0
 STATEMENT_TIMEOUT_S = 10.0
 MAX_PROBLEMS = 50  # discrepancies listed per entry on the page
 
@@ -51,8 +54,11 @@ class NodeConsole:
         self.port = 0
         self.requests, self.tokens, self.failed = RollingSeries(), RollingSeries(), RollingSeries()
         self._last: tuple[int, int, int] | None = None
-        self._statements: tuple[float, list[dict]] | None = None
-        self._statements_lock = trio.Lock()
+        # Asked in the background, so a slow or unreachable entry never holds up the page.
+        self._statements: list[dict] = [{"url": u, "pending": True} for u in self.entries]
+        self._asked: tuple[float, int] | None = None  # (monotonic time, requests served) of the last round
+        self._asking = False
+        self._nursery: trio.Nursery | None = None
         self.files = read_dir(PAGE_DIR)
         self.vendor = vendor_files()
 
@@ -81,6 +87,7 @@ class NodeConsole:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(lambda task_status: serve(app, config, task_status=task_status))
             self.port = int(binds[0].rsplit(":", 1)[1])
+            self._nursery = nursery
             nursery.start_soon(self._sample_loop)
             log.info("node console listening", extra={"url": self.url})
             task_status.started(self.port)
@@ -141,7 +148,7 @@ class NodeConsole:
             "series": {"bucket_s": self.requests.bucket_s, "t": [p for p, _ in points["tokens"]],
                        **{k: [v for _, v in p] for k, p in points.items()}},
             "receipts": self._receipts_by_entry(),
-            "entries": await self._entry_statements(),
+            "entries": self._entry_statements(),
         })
 
     def _receipts_by_entry(self) -> list[dict]:
@@ -154,17 +161,30 @@ class NodeConsole:
             d["tokens"] += r.completion_tokens
         return sorted(out.values(), key=lambda d: -d["receipts"])
 
-    async def _entry_statements(self) -> list[dict]:
-        if not self.entries:
-            return []
-        async with self._statements_lock:  # one round of queries at a time, however many tabs poll
-            now = time.monotonic()
-            if self._statements is None or now - self._statements[0] >= STATEMENTS_CACHE_S:
-                results = []
-                for url in self.entries:
-                    results.append(await trio.to_thread.run_sync(self._statement, url))
-                self._statements = (time.monotonic(), results)
-            return self._statements[1]
+    def _entry_statements(self) -> list[dict]:
+        """The latest statements; starts a new round of queries when they are stale."""
+        if self.entries and not self._asking and self._nursery is not None:
+            now, served = time.monotonic(), self.daemon.stats.requests_served
+            last = self._asked
+            if last is None or now - last[0] >= STATEMENTS_CACHE_S or (served != last[1] and now - last[0] >= STATEMENTS_MIN_S):
+                self._asking = True
+                self._asked = (now, served)
+                self._nursery.start_soon(self._ask_entries)
+        return self._statements
+
+    async def _ask_entries(self) -> None:
+        try:
+            results: list[dict] = [{}] * len(self.entries)
+
+            async def ask(i: int, url: str) -> None:
+                results[i] = await trio.to_thread.run_sync(self._statement, url, abandon_on_cancel=True)
+
+            async with trio.open_nursery() as nursery:
+                for i, url in enumerate(self.entries):
+                    nursery.start_soon(ask, i, url)
+            self._statements = results
+        finally:
+            self._asking = False
 
     def _statement(self, url: str) -> dict[str, Any]:
         """One entry's signed statement compared with our receipts (as `mesh node credits`)."""

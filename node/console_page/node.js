@@ -96,8 +96,13 @@ function update(s) {
   updateCharts(s.series);
 
   $("no-entries").hidden = s.entries.length > 0;
-  fillRows($("credits").tBodies[0], s.entries.map((e) => e.error
-    ? [cell(e.url), cell(e.error, "bad"), cell(""), cell(""), cell(""), cell(""), cell(""), cell("")]
+  const wide = (text, cls) => {  // one cell across the numbers, so a long message does not stretch a column
+    const td = cell(text, cls);
+    td.colSpan = 7;
+    return td;
+  };
+  fillRows($("credits").tBodies[0], s.entries.map((e) => e.error ? [cell(e.url), wide(e.error, "bad")]
+    : e.pending ? [cell(e.url), wide("asking the entry…", "hint")]
     : [cell(e.url), cell(credits(e.totals, "held")), cell(credits(e.totals, "vested")),
       cell(credits(e.totals, "withheld"), e.totals.withheld && e.totals.withheld.requests ? "bad" : ""),
       cell(fmt(e.booked)), cell(fmt(e.receipts)),

@@ -1,7 +1,7 @@
 """The node console (`mesh node start --console-port`): a real entry daemon and a synthetic node
 process over libp2p on 127.0.0.1, the console in a real headless Chromium. It renders, shows
 the requests the node served after traffic, the entry's signed credit statement next to the
-node's receipts, refuses a stop without the page's token, from another Origin or under another
+node's receipts (and an unreachable entry as such), refuses a stop without the page's token, from another Origin or under another
 Host name, and its stop button drains the node until it exits. Screenshots go under tmp_path."""
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ async def test_node_console_shows_work_and_credits_and_its_stop_button_drains(tm
             url = info["url"]
             node = await start_node(tmp_path, "n1", "--synthetic", MODEL, "--synthetic-rate", "400", "--skip-benchmark",
                                     "--bootstrap", info["p2p_addrs"][0], "--advert-interval", "1", "--drain-seconds", "20",
-                                    "--console-port", "0", "--console-entry", url)
+                                    "--console-port", "0", "--console-entry", url,
+                                    "--console-entry", "http://127.0.0.1:9")  # nothing listens there
             console = ready_file.read(ready_file.path_in(node.state_dir))["console_url"]
             assert console.startswith("http://127.0.0.1:")
             async with httpx.AsyncClient(timeout=30) as client:
@@ -94,6 +95,9 @@ async def test_node_console_shows_work_and_credits_and_its_stop_button_drains(tm
                     await page.wait_for("document.querySelector('#credits tbody tr')?.cells[4].textContent === '3'")
                     row = await page.js("[...document.querySelector('#credits tbody tr').cells].map(c => c.textContent)")
                     assert row[0] == url and row[5] == "3" and row[6] == "none", row
+                    # An entry that cannot be reached says so, and holds nothing else up.
+                    down = await page.js("document.querySelectorAll('#credits tbody tr')[1].cells[1].textContent")
+                    assert "cannot reach the entry" in down
                     await page.screenshot(tmp_path / "node-console.png")
 
                     await page.js("document.getElementById('stop').click()")
