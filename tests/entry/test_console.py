@@ -66,10 +66,21 @@ async def test_console_json_counts_generations_not_its_own_polls():
         assert s["routing"]["table"] is not None and s["routing"]["cost_saved_usd"] == 0
 
 
-async def test_console_shows_a_queue_gauge_once_one_exists():
+async def test_console_shows_what_other_parts_of_the_entry_count():
     async with running_api() as api:
-        api.metrics.gauge("mesh_entry_queue_length", "Requests waiting at the entry").set(3)
-        assert (await api.client.get("/v1/mesh/console")).json()["totals"]["queue"] == 3
+        m = api.metrics
+        m.gauge("mesh_entry_queue_length", "Requests waiting at the entry").set(3)
+        checks = m.counter("mesh_verify_checks_total", "verdicts", ("outcome", "kind"))  # as the verifier registers it
+        checks.inc(2, outcome="pass", kind="sampled")
+        checks.inc(outcome="pass", kind="canary")
+        checks.inc(outcome="fail", kind="sampled")
+        m.counter("mesh_routed_requests_total", "routed", ("model", "task")).inc(4, model="fake-model", task="math")
+        m.counter("mesh_routing_cost_saved_total", "saved").inc(0.25)
+        s = (await api.client.get("/v1/mesh/console")).json()
+        assert s["totals"]["queue"] == 3
+        assert s["verification"] == {"fail": 1, "pass": 3}
+        assert s["routing"]["routed"] == [{"model": "fake-model", "task": "math", "requests": 4}]
+        assert s["routing"]["cost_saved_usd"] == 0.25
 
 
 async def test_console_json_follows_the_v1_key_rules(tmp_path):
