@@ -13,6 +13,8 @@ DNS-rebinding page cannot read or post either).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 import secrets
@@ -27,6 +29,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from node.credits_cli import _entry_peer, compare, fetch_statement
+from node.receipt_log import FILE_NAME as RECEIPTS_FILE
+from node.receipt_log import ReceiptLog
+from protocol.errors import RecordError
+from protocol.records import WorkReceipt, _open, _typed
 from web import PAGE_HEADERS, content_type, read_dir, vendor_files
 from web.series import RollingSeries
 
@@ -61,6 +68,7 @@ class NodeConsole:
         self._nursery: trio.Nursery | None = None
         self.files = read_dir(PAGE_DIR)
         self.vendor = vendor_files()
+        self.receipts = ReceiptTally(daemon.cfg.state_path() / RECEIPTS_FILE)
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -147,19 +155,9 @@ class NodeConsole:
             "status": {k: v for k, v in status.items() if k not in ("ok", "addrs")},
             "series": {"bucket_s": self.requests.bucket_s, "t": [p for p, _ in points["tokens"]],
                        **{k: [v for _, v in p] for k, p in points.items()}},
-            "receipts": self._receipts_by_entry(),
+            "receipts": self.receipts.by_entry(),
             "entries": self._entry_statements(),
         })
-
-    def _receipts_by_entry(self) -> list[dict]:
-        from node.receipt_log import FILE_NAME, ReceiptLog
-
-        out: dict[str, dict] = {}
-        for r in ReceiptLog(self.daemon.cfg.state_path() / FILE_NAME).receipts():
-            d = out.setdefault(r.entry, {"entry": r.entry, "receipts": 0, "tokens": 0})
-            d["receipts"] += 1
-            d["tokens"] += r.completion_tokens
-        return sorted(out.values(), key=lambda d: -d["receipts"])
 
     def _entry_statements(self) -> list[dict]:
         """The latest statements; starts a new round of queries when they are stale."""
@@ -188,16 +186,13 @@ class NodeConsole:
 
     def _statement(self, url: str) -> dict[str, Any]:
         """One entry's signed statement compared with our receipts (as `mesh node credits`)."""
-        from node.credits_cli import _entry_peer, compare, fetch_statement
-        from node.receipt_log import FILE_NAME, ReceiptLog
-
         try:
             statement = fetch_statement(url, self.daemon.identity, timeout=STATEMENT_TIMEOUT_S)
         except urllib.error.HTTPError as e:
             return {"url": url, "error": f"the entry answered {e.code}"}
         except (urllib.error.URLError, OSError, ValueError) as e:
             return {"url": url, "error": f"cannot reach the entry: {getattr(e, 'reason', e)}"}
-        receipts = ReceiptLog(self.daemon.cfg.state_path() / FILE_NAME).receipts()
+        receipts = ReceiptLog(self.daemon.cfg.state_path() / RECEIPTS_FILE).receipts()
         entry_peer = statement.get("entry") or _entry_peer(statement, receipts)
         result = compare(statement, receipts, entry_peer)
         verdicts: dict[str, int] = {}
@@ -221,6 +216,47 @@ class NodeConsole:
         self.daemon.request_stop()
         a = self.daemon.service.admission
         return JSONResponse({"ok": True, "stopping": True, "in_flight": a.active, "grace_s": self.daemon.cfg.drain_seconds})
+
+
+class ReceiptTally:
+    """Receipts and tokens per entry from the node's receipts log, read incrementally: the log
+    only grows (one signed line per request), and checking every signature again on each poll
+    would cost a long-serving node seconds of CPU every 2 s."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.tally: dict[str, dict] = {}
+
+    def by_entry(self) -> list[dict]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < self.offset:  # replaced or truncated: count it again
+            self.offset, self.tally = 0, {}
+        if size > self.offset:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(size - self.offset)
+            end = data.rfind(b"\n") + 1  # a line being written is read next time
+            for line in data[:end].splitlines():
+                r = _receipt(line)
+                if r is not None:
+                    d = self.tally.setdefault(r.entry, {"entry": r.entry, "receipts": 0, "tokens": 0})
+                    d["receipts"] += 1
+                    d["tokens"] += r.completion_tokens
+            self.offset += end
+        return sorted(self.tally.values(), key=lambda d: -d["receipts"])
+
+
+def _receipt(line: bytes) -> WorkReceipt | None:
+    """One line of the log, as ReceiptLog.receipts reads it (None: torn or foreign)."""
+    try:
+        blob = base64.b64decode(line, validate=True)
+        return WorkReceipt(**_typed(_open(blob, WorkReceipt.KIND), WorkReceipt._SPEC))
+    except (binascii.Error, ValueError, RecordError):
+        return None
 
 
 def _forbidden(message: str) -> Response:

@@ -39,6 +39,32 @@ def test_console_flags_reach_the_config_and_are_checked():
         NodeConfig(console_entries=["127.0.0.1:8000"]).validate()
 
 
+def test_receipt_tally_reads_only_what_was_appended(tmp_path):
+    from node.console import ReceiptTally
+    from node.receipt_log import ReceiptLog
+    from protocol.identity import Identity
+    from protocol.records import WorkReceipt
+
+    node = Identity.generate()
+    log = ReceiptLog(tmp_path / "receipts.log")
+    tally = ReceiptTally(log.path)
+    assert tally.by_entry() == []  # no log yet
+
+    def receipt(rid: str, entry: str, tokens: int) -> bytes:
+        return WorkReceipt(rid, "a" * 64, 3, tokens, b"d" * 32, node.peer_id, entry, 1.0).sign(node)
+
+    log.append(receipt("r1", "entry-a", 5))
+    log.append(receipt("r2", "entry-b", 7))
+    assert tally.by_entry() == [{"entry": "entry-a", "receipts": 1, "tokens": 5}, {"entry": "entry-b", "receipts": 1, "tokens": 7}]
+    log.append(receipt("r3", "entry-a", 1))
+    with open(log.path, "ab") as f:
+        f.write(b"half a li")  # a line being written: counted once it is complete
+    assert tally.by_entry()[0] == {"entry": "entry-a", "receipts": 2, "tokens": 6}
+    assert tally.offset < log.path.stat().st_size
+    log.path.write_bytes(b"")  # a new log: counted from scratch
+    assert tally.by_entry() == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary (apt-get install chromium)")
 async def test_node_console_shows_work_and_credits_and_its_stop_button_drains(tmp_path):

@@ -8,6 +8,7 @@ sends the key the browser keeps (localStorage, shared with the chat).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from entry.api.parsing import ApiError
 from web import PAGE_HEADERS, content_type, read_dir, vendor_files
 
 if TYPE_CHECKING:
     from entry.api.app import _Handlers
 
+log = logging.getLogger("mesh.entry.console")
 PAGE_DIR = Path(__file__).parent
 GENERATION_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
 ROUTING_CACHE_S = 30.0  # the routing view runs the router over its table: not on every poll
@@ -58,6 +61,7 @@ class Console:
         self.files = read_dir(PAGE_DIR)
         self.vendor = vendor_files()
         self._routing: tuple[float, Any] | None = None
+        self._routing_lock = trio.Lock()  # several open consoles compute it once
 
     def routes(self) -> list[Route]:
         return [
@@ -79,8 +83,6 @@ class Console:
         return self._serve(self.vendor, request.path_params["name"])
 
     def _serve(self, files: dict[str, bytes], name: str) -> Response:
-        from entry.api.parsing import ApiError
-
         data = files.get(name)
         if data is None or name.endswith(".py"):
             raise ApiError(404, f"no such file: {name}", code="unknown_url")
@@ -97,10 +99,9 @@ class Console:
         for n in s.backend.nodes_view():
             nodes.append({**n, "path": path_of(n)})
         verdicts: dict[str, float] = {}
-        checks = metrics.get("mesh_verify_checks_total")
-        if checks is not None:
-            for labels, v in checks.samples():
-                verdicts[labels.get("outcome", "?")] = verdicts.get(labels.get("outcome", "?"), 0) + v
+        for labels, v in _samples(metrics.get("mesh_verify_checks_total")):  # the verifier's, by outcome and kind
+            outcome = labels.get("outcome", "unknown")
+            verdicts[outcome] = verdicts.get(outcome, 0) + v
         queue = next((m for name in metrics.names() if name.startswith(QUEUE_GAUGE_PREFIX)
                       and (m := metrics.get(name)) is not None and m.kind == "gauge"), None)
         in_flight = metrics.get("mesh_entry_generations_in_flight")
@@ -136,17 +137,16 @@ class Console:
         })
 
     async def _routing_view(self) -> Any:
-        now = time.monotonic()
-        if self._routing is not None and now - self._routing[0] < ROUTING_CACHE_S:
-            return self._routing[1]
-        auto, backend = self.h.s.auto, self.h.s.backend
-        try:
-            targets = auto.targets(backend.models())
-            view = await trio.to_thread.run_sync(auto.view, targets, limiter=self.h.route_limiter)
-        except Exception:  # noqa: BLE001 - the rest of the console still matters
-            import logging
-
-            logging.getLogger("mesh.entry.api").exception("routing view for the console failed")
-            view = None
-        self._routing = (now, view)
-        return view
+        async with self._routing_lock:
+            now = time.monotonic()
+            if self._routing is not None and now - self._routing[0] < ROUTING_CACHE_S:
+                return self._routing[1]
+            auto, backend = self.h.s.auto, self.h.s.backend
+            try:
+                targets = auto.targets(backend.models())
+                view = await trio.to_thread.run_sync(auto.view, targets, limiter=self.h.route_limiter)
+            except Exception:  # noqa: BLE001 - the rest of the console still matters
+                log.exception("the routing view for the console failed")
+                view = None
+            self._routing = (now, view)
+            return view
