@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from entry.api.apikeys import ApiKeyStore
-from entry.backend import DoneEvent, ServedPart, TokenEvent
+from entry.backend import DoneEvent, MeshUnavailable, ServedPart, TokenEvent
 from tests.support.browser import CHROMIUM
 from tests.support.cdp import open_page
 from tests.support.fake_backend import DESCRIPTION, FakeBackend, running_api
@@ -126,8 +126,27 @@ async def test_webchat_queues_a_message_typed_while_an_answer_streams(tmp_path):
             nursery.cancel_scope.cancel()
 
 
+class FailingMidStream(FakeBackend):
+    """Two tokens, then waits for `release`, then fails as a mesh that lost every node does."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = trio.Event()
+
+    def generate(self, spec, model=None):
+        self.specs.append(spec)
+        return self._failing()
+
+    async def _failing(self):
+        yield TokenEvent(ids=[1], text="Hello")
+        yield TokenEvent(ids=[2], text=",")
+        self.hanging.set()
+        await self.release.wait()
+        raise MeshUnavailable("every node serving this model failed", retry_after=3)
+
+
 async def test_webchat_hands_queued_text_back_when_the_answer_fails(tmp_path):
-    backend = FakeBackend(hang_after=2)
+    backend = FailingMidStream()
     with trio.fail_after(60):
         async with running_api(backend) as api, trio.open_nursery() as nursery:
             page = await open_page(nursery, tmp_path / "profile", api.base_url + "/")
@@ -136,12 +155,14 @@ async def test_webchat_hands_queued_text_back_when_the_answer_fails(tmp_path):
             await backend.hanging.wait()
             await type_and_send(page, "Second")
             await page.wait_for("!!document.querySelector('.msg.pending')")
-            backend.fail_before = RuntimeError("boom")
-            await page.js("document.getElementById('stop').click()")
-            # The answer was stopped with text: the queued message is sent, and fails (500).
+            backend.release.set()
+            # The answer broke off: the queued message is not sent into the same failure but
+            # handed back, with the reason.
             error = await page.wait_for("!document.getElementById('error').hidden && document.getElementById('error').textContent")
-            assert "internal error" in error
+            assert "every node serving this model failed" in error and "not sent" in error
             assert await page.js("document.getElementById('prompt').value") == "Second"
+            assert await page.js("document.querySelectorAll('.msg.pending').length") == 0
+            assert len(backend.specs) == 1
             nursery.cancel_scope.cancel()
 
 
