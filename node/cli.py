@@ -48,6 +48,12 @@ def add_parser(sub) -> None:
                    help="don't hand our model file to nodes fetching it (shared by default over /mesh/model/1)")
     s.add_argument("--share-rate", type=float, metavar="MB/S", help="upload limit for sharing the model file, "
                    "all downloaders together (default 50 MB/s)")
+    s.add_argument("--console-port", type=int, metavar="N",
+                   help="serve the node console (what this node served, its credits, a stop button) on "
+                   "http://127.0.0.1:N/ only; 0 = any free port (logged); off by default")
+    s.add_argument("--console-entry", dest="console_entries", action="append", metavar="URL",
+                   help="an entry's base URL whose signed credit statement the console shows next to this node's "
+                   "receipts (repeatable), e.g. http://127.0.0.1:8000")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
 
@@ -61,7 +67,8 @@ def add_parser(sub) -> None:
 
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
-               "log_format", "log_level", "synthetic", "synthetic_rate", "share_model", "share_rate")
+               "log_format", "log_level", "synthetic", "synthetic_rate", "share_model", "share_rate", "console_port",
+               "console_entries")
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -36,6 +36,11 @@ class NodeConfig:
     synthetic_rate: float = 500.0
     share_model: bool = True  # hand our model file to nodes that fetch it (/mesh/model/1)
     share_rate: float = 50.0  # MB/s all uploads together may use
+    # The volunteer's console (node/console.py) on http://127.0.0.1:console_port/; None = off,
+    # 0 = any free port (logged and in the ready file). console_entries: entry base URLs whose
+    # signed credit statements it shows next to the node's receipts.
+    console_port: int | None = None
+    console_entries: list[str] = field(default_factory=list)
 
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else mesh_home() / "node"
@@ -70,6 +75,11 @@ class NodeConfig:
             raise ValueError("log_format must be 'text' or 'json'")
         if self.synthetic is not None and not 0 < len(self.synthetic) <= 128:
             raise ValueError("--synthetic needs a model name of 1-128 characters")
+        if self.console_port is not None and not 0 <= self.console_port <= 65535:
+            raise ValueError("--console-port must be in 0-65535")
+        for url in self.console_entries:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"--console-entry needs an entry's base URL (http://host:port), not {url!r}")
         if self.synthetic_rate <= 0:
             raise ValueError("--synthetic-rate must be > 0")
         if not 0 < self.share_rate <= 100_000:

@@ -90,6 +90,7 @@ class NodeDaemon:
         self._stop = trio.Event()
         self._stopping = False
         self.share: ModelShare | None = None
+        self.console = None  # node/console.py NodeConsole, with --console-port
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -134,6 +135,11 @@ class NodeDaemon:
                 host.set_stream_handler(MODEL_PROTOCOL_ID, self.share.handle_stream)
             async with trio.open_nursery() as nursery:
                 await nursery.start(serve_control, cfg.control_socket(), self._control)
+                if cfg.console_port is not None:
+                    from node.console import NodeConsole
+
+                    self.console = NodeConsole(self, cfg.console_entries)
+                    await nursery.start(self.console.serve, cfg.console_port)
                 nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                 await self._publish()
                 nursery.start_soon(self._advertise_loop)
@@ -275,7 +281,8 @@ class NodeDaemon:
 
     def _write_ready(self, host) -> None:
         ready_file.write(self._ready_path(), {"peer_id": self.identity.peer_id, "addrs": list(host.listen_addrs),
-                                              "model_sha256": self.info.sha256})
+                                              "model_sha256": self.info.sha256,
+                                              "console_url": self.console.url if self.console else None})
 
     def _clear_ready(self) -> None:
         ready_file.clear(self._ready_path())

@@ -16,6 +16,8 @@ for p in libgmp-dev build-essential cmake chromium chromium-driver; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 # Debian's python3 ships venv and the C headers separately; pyenv-style Pythons have both.
+# The pages' browser libraries (charts, Markdown) come from the npm registry: nodejs + npm.
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 "$PY" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || missing+=(python3-dev)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -24,6 +26,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Chart.js, marked and DOMPurify, pinned by web/package-lock.json, into web/vendor/ (a no-op
+# when they are there already).
+bash scripts/vendor_js.sh
 
 if [ ! -x "$VENV/bin/python" ]; then
     step "creating virtualenv at .venv"

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from entry.api.apikeys import ApiKeyStore
+from entry.api.console import Console
 from entry.api.metrics import TTFT_BUCKETS, Metrics
 from entry.api.parsing import ApiError, GenerationPlan, parse_chat, parse_completion
 from entry.api.ratelimit import OPEN_SUBJECT, RateLimited, RateLimits, Reservation
@@ -126,7 +127,8 @@ class _Instruments:
 
 
 _KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses",
-                "/v1/embeddings", "/v1/mesh/nodes", "/v1/mesh/queue", "/v1/mesh/routing", "/v1/mesh/benchmark")
+                "/v1/embeddings", "/v1/mesh/nodes", "/v1/mesh/queue", "/v1/mesh/routing", "/v1/mesh/benchmark", "/console",
+                "/v1/mesh/console")
 
 
 def _endpoint_label(path: str) -> str:
@@ -137,6 +139,8 @@ def _endpoint_label(path: str) -> str:
         return "/v1/models/{id}"
     if path.startswith("/webchat/"):
         return "/webchat/{file}"
+    if path.startswith(("/console/", "/vendor/")):
+        return path[:path.index("/", 1)] + "/{file}"
     if path.startswith("/v1/mesh/credits/"):
         return "/v1/mesh/credits/{node}"
     if path.startswith("/v1/mesh/benchmark/"):
@@ -858,6 +862,7 @@ def create_app(backend: Backend, *, keys: ApiKeyStore | None, open_mode: bool, l
         Route("/v1/mesh/routing", h.routing, methods=["GET"]),
         Route("/v1/mesh/benchmark", h.start_benchmark, methods=["POST"]),
         Route("/v1/mesh/benchmark/{run_id}", h.get_benchmark, methods=["GET"]),
+        *Console(h).routes(),  # /console, its JSON at /v1/mesh/console, /vendor/ (chart + markdown libraries)
     ]
     app = Starlette(
         routes=routes,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+
+from web.series import RollingSeries
 
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -64,18 +66,29 @@ class _Metric:
         return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}"]
 
 
+LabelFilter = Callable[[Mapping[str, str]], bool]
+
+
 class Counter(_Metric):
     kind = "counter"
 
     def __init__(self, name: str, help_text: str, labelnames: Iterable[str] = ()):
         super().__init__(name, help_text, labelnames)
         self._values: dict[tuple[str, ...], float] = {}
+        self.tracks: list[tuple[LabelFilter | None, RollingSeries]] = []  # Metrics.track
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
         key = self._key(labels)
         self._values[key] = self._values.get(key, 0.0) + amount
+        for where, series in self.tracks:
+            if amount and (where is None or where(labels)):
+                series.add(amount)
+
+    def samples(self) -> list[tuple[dict[str, str], float]]:
+        """Every label set with its value, for pages that show the counts."""
+        return [(dict(zip(self.labelnames, k)), v) for k, v in sorted(self._values.items())]
 
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
@@ -104,6 +117,9 @@ class Gauge(_Metric):
 
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
+
+    def samples(self) -> list[tuple[dict[str, str], float]]:
+        return [(dict(zip(self.labelnames, k)), v) for k, v in sorted(self._values.items())]
 
     def clear(self) -> None:
         self._values.clear()
@@ -151,6 +167,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
+        self._tracks: dict[str, list[tuple[LabelFilter | None, RollingSeries]]] = {}
 
     def _get(self, cls, name: str, *args, **kwargs):
         existing = self._metrics.get(name)
@@ -159,8 +176,26 @@ class Metrics:
                 raise ValueError(f"{name} is already registered as a {existing.kind}")
             return existing
         metric = cls(name, *args, **kwargs)
+        if isinstance(metric, Counter):
+            metric.tracks = self._tracks.setdefault(name, [])
         self._metrics[name] = metric
         return metric
+
+    def names(self) -> list[str]:
+        return sorted(self._metrics)
+
+    def get(self, name: str) -> _Metric | None:
+        """The metric registered under `name`, if any part of the entry registered it."""
+        return self._metrics.get(name)
+
+    def track(self, counter: str, where: LabelFilter | None = None, *, bucket_s: float = 10.0,
+              buckets: int = 360) -> RollingSeries:
+        """A rolling series of what the counter named `counter` counts from now on (only label
+        sets `where` accepts), whether it is registered yet or later: the console charts the
+        last hour without a sampling task. Bounded: `buckets` sums of `bucket_s` seconds."""
+        series = RollingSeries(bucket_s, buckets)
+        self._tracks.setdefault(counter, []).append((where, series))
+        return series
 
     def counter(self, name: str, help_text: str, labelnames: Iterable[str] = ()) -> Counter:
         return self._get(Counter, name, help_text, labelnames)
