@@ -14,7 +14,7 @@ import trio
 from entry.api.apikeys import ApiKeyStore
 from entry.api.metrics import Metrics
 from tests.support.browser import CHROMIUM
-from tests.support.fake_backend import running_api
+from tests.support.fake_backend import FakeBackend, running_api
 from web import vendor_files
 from web.series import RollingSeries
 
@@ -66,10 +66,14 @@ async def test_console_json_counts_generations_not_its_own_polls():
         assert s["routing"]["table"] is not None and s["routing"]["cost_saved_usd"] == 0
 
 
+class QueueingBackend(FakeBackend):
+    def metrics(self) -> dict[str, float]:
+        return super().metrics() | {"mesh_queue_waiting": 3}  # as the relay reports its queue
+
+
 async def test_console_shows_what_other_parts_of_the_entry_count():
-    async with running_api() as api:
+    async with running_api(QueueingBackend()) as api:
         m = api.metrics
-        m.gauge("mesh_entry_queue_length", "Requests waiting at the entry").set(3)
         checks = m.counter("mesh_verify_checks_total", "verdicts", ("outcome", "kind"))  # as the verifier registers it
         checks.inc(2, outcome="pass", kind="sampled")
         checks.inc(outcome="pass", kind="canary")

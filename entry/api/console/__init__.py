@@ -28,9 +28,9 @@ log = logging.getLogger("mesh.entry.console")
 PAGE_DIR = Path(__file__).parent
 GENERATION_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions"})
 ROUTING_CACHE_S = 30.0  # the routing view runs the router over its table: not on every poll
-# Another part of the entry may add an admission queue; its gauge is found by this prefix, so
-# the console shows it as soon as it exists (and hides the tile until then).
-QUEUE_GAUGE_PREFIX = "mesh_entry_queue"
+# The entry's queue (entry/mesh/queue.py) reports its length among the backend's gauges; a
+# backend without a queue leaves it out and the page hides the tile.
+QUEUE_GAUGE = "mesh_queue_waiting"
 
 
 def _samples(metric) -> list[tuple[dict[str, str], float]]:
@@ -102,8 +102,7 @@ class Console:
         for labels, v in _samples(metrics.get("mesh_verify_checks_total")):  # the verifier's, by outcome and kind
             outcome = labels.get("outcome", "unknown")
             verdicts[outcome] = verdicts.get(outcome, 0) + v
-        queue = next((m for name in metrics.names() if name.startswith(QUEUE_GAUGE_PREFIX)
-                      and (m := metrics.get(name)) is not None and m.kind == "gauge"), None)
+        queue = s.backend.metrics().get(QUEUE_GAUGE)
         in_flight = metrics.get("mesh_entry_generations_in_flight")
         routed = metrics.get("mesh_routed_requests_total")
         series = {"requests": self.requests, "errors": self.errors, "tokens": self.tokens, "failovers": self.failovers}
@@ -120,7 +119,7 @@ class Console:
                 "completion_tokens": _sum(metrics.get("mesh_entry_completion_tokens_total")),
                 "failovers": _sum(metrics.get("mesh_entry_failovers_total")),
                 "in_flight": _sum(in_flight),
-                "queue": _sum(queue) if queue is not None else None,
+                "queue": queue,
                 "demoted": sum(1 for n in nodes if n.get("demoted")),
             },
             "series": {
