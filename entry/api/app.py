@@ -601,6 +601,10 @@ class _Handlers:
             targets = route.targets
             model = targets[0].entry
         elif (provider := auto.provider_target(plan.model)) is not None:
+            if any(spec.grammar for spec in plan.specs):
+                raise ApiError(400, f"{plan.model} is an external provider's model: response_format and tools are "
+                               "enforced only on the mesh's own models; use one of those or model 'auto'",
+                               param="model", code="unsupported_parameter")
             targets = [provider]
             model = provider.entry
         else:
@@ -627,6 +631,12 @@ class _Handlers:
         except RouteRequestError as e:
             raise ApiError(400, str(e), param=e.param, code="model_not_found") from None
         targets = auto.targets(self.s.backend.models())
+        why = ""
+        if any(spec.grammar for spec in plan.specs) and any(t.kind != "mesh" for t in targets):
+            # Our nodes enforce response_format and tools with a grammar; a provider would be
+            # asked for free text, so it is no candidate for them.
+            targets = [t for t in targets if t.kind == "mesh"]
+            why = " (external providers are no candidates for response_format or tools)"
         text = _routing_text(plan.specs[0])
         try:
             if auto.router is None:
@@ -635,8 +645,8 @@ class _Handlers:
             return await trio.to_thread.run_sync(auto.decide, text, policy, opts, targets, limiter=self.route_limiter)
         except NoTarget as e:
             if e.filtered:
-                raise ApiError(400, str(e), param="mesh.route", code="no_route") from None
-            raise backend_error(MeshUnavailable(str(e))) from None
+                raise ApiError(400, str(e) + why, param="mesh.route", code="no_route") from None
+            raise backend_error(MeshUnavailable(str(e) + why)) from None
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, parse_chat)

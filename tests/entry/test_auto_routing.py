@@ -254,3 +254,25 @@ def test_start_up_loads_the_state_router_else_fits_the_state_or_shipped_table(tm
     (tmp_path / "nothing" / "router.pkl").write_bytes(b"not a pickle")
     broken.load()  # a bad file is logged; auto falls back to the cheapest model
     assert broken.router is None and "not a router file" in broken.status.error
+
+
+async def test_structured_output_is_never_sent_to_a_provider(provider_server):
+    """A provider would be asked for free text: response_format and tools stay on the mesh,
+    whose nodes enforce them with a grammar."""
+    pc, targets = provider_targets(provider_server.base_url, price=0.0)  # the cheapest: auto would pick it
+    fmt = {"type": "json_object"}
+    async with pc:
+        with trio.fail_after(120):
+            async with running_api(backend(), auto=auto_routing(targets)) as api:
+                c = client(api)
+                routed = await in_thread(chat, c, EASY, max_tokens=8, response_format=fmt)
+                with pytest.raises(openai.BadRequestError) as only_provider:
+                    await in_thread(chat, c, EASY, max_tokens=8, response_format=fmt,
+                                    extra_body={"mesh": {"route": {"allow": ["local/*"]}}})
+                with pytest.raises(openai.BadRequestError) as by_name:
+                    await in_thread(chat, c, EASY, model="local/" + MODEL_ALIAS, max_tokens=8, response_format=fmt)
+                plain = await in_thread(chat, c, EASY, max_tokens=8, extra_body={"mesh": {"route": {"allow": ["local/*"]}}})
+    assert routed.model in ("small", "big")
+    assert "external providers are no candidates" in only_provider.value.body["message"]
+    assert by_name.value.body["code"] == "unsupported_parameter"
+    assert plain.model == "local/" + MODEL_ALIAS
