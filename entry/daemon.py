@@ -24,6 +24,7 @@ from protocol.identity import Identity
 from runtime import ready_file
 from runtime.errors import CliError
 from runtime.heap import freeze_startup_heap
+from transport.discovery import announce_entry_loop
 from transport.host import open_mesh_host
 
 log = logging.getLogger("mesh.entry")
@@ -77,6 +78,9 @@ class EntryDaemon:
                                  metrics=metrics, max_body_bytes=cfg.max_body_bytes, ledger=ledger, seeds=seeds,
                                  sse_write_timeout=cfg.sse_write_timeout, auto=auto)
                 async with trio.open_nursery() as nursery:
+                    # Entries are public: nodes behind NAT find us here and keep a connection
+                    # open to us, the only way we can reach them (transport/links.py).
+                    nursery.start_soon(announce_entry_loop, host)
                     await nursery.start(verifier.run)
                     if verifier.models:
                         await nursery.start(CanaryProber(backend, verifier, CanaryConfig(interval=cfg.canary_interval)).run)

@@ -104,5 +104,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"served   {s['requests_served']} requests, {s['tokens_served']} tokens ({s['requests_failed']} failed or cancelled)",
         f"listen   {', '.join(s['addrs'])}",
     ]
+    if "advertised_addrs" in s:
+        lines.append(f"advertise {', '.join(s['advertised_addrs']) or 'no address (not publicly reachable: entries use our connections)'}")
+    links = s.get("entry_links")
+    if links:
+        lines.append(f"entries  {links['connected']}/{links['entries']} connected (re-joined the mesh {links['rejoins']} times)")
     print("\n".join(lines))
     return 0

@@ -85,6 +85,7 @@ class NodeDaemon:
         self._replicated_at: float | None = None  # monotonic time the storers last got our advert
         self._stop = trio.Event()
         self._stopping = False
+        self.links = None  # transport.links.EntryLinks once the host is up
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -123,6 +124,7 @@ class NodeDaemon:
                 nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                 await self._publish()
                 nursery.start_soon(self._advertise_loop)
+                await self._start_links(nursery)
                 freeze_startup_heap()
                 self._write_ready(host)
                 log.info("node ready", extra={"peer": self.identity.peer_id, "addrs": ",".join(host.listen_addrs),
@@ -133,6 +135,20 @@ class NodeDaemon:
         self._clear_ready()
         log.info("node stopped", extra={"requests": self.stats.requests_served, "tokens": self.stats.tokens_served})
         return 0
+
+    # ---- staying reachable --------------------------------------------------------------------
+    async def _start_links(self, nursery: trio.Nursery) -> None:
+        """Keep connections to entries open, pinged and re-dialled (transport/links.py): behind
+        a home NAT they are the only way in."""
+        from transport.links import EntryLinks
+
+        async def rejoined() -> None:
+            # Back after an outage: storers' copies of our advert may have lapsed meanwhile.
+            self._replicated_at = None
+            await self._publish()
+
+        self.links = EntryLinks(self.host, self.cfg.bootstrap, on_rejoined=rejoined)
+        await nursery.start(self.links.run)
 
     # ---- advertising ------------------------------------------------------------------------
     def _advert(self, draining: bool = False) -> CapacityAdvert:
@@ -145,7 +161,7 @@ class NodeDaemon:
             quantization=self.info.quantization, context_size=svc.context_size,
             prefill_tps=float(self.stats.prefill_tps), decode_tps=float(self.stats.decode_tps),
             total_slots=svc.admission.total, free_slots=0 if draining else svc.admission.free,
-            seq=self._seq, issued_at=now, expires_at=now + ttl, addrs=list(self.host.listen_addrs)[:16],
+            seq=self._seq, issued_at=now, expires_at=now + ttl, addrs=list(self.host.advertised_addrs)[:16],
         )
 
     async def _publish(self, draining: bool = False) -> None:
@@ -215,6 +231,8 @@ class NodeDaemon:
             "ok": True,
             "peer_id": self.identity.peer_id,
             "addrs": list(self.host.listen_addrs) if self.host else [],
+            "advertised_addrs": list(self.host.advertised_addrs) if self.host else [],
+            "entry_links": self.links.summary() if self.links else None,
             "model": {"name": self.model_id, "sha256": info.sha256, "quantization": info.quantization,
                       "architecture": info.architecture, "path": str(info.path), "context_size": svc.context_size},
             "slots": a.total, "active": a.active, "queued": a.queued, "queue_limit": a.queue_limit,

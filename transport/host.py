@@ -39,9 +39,12 @@ from multiaddr import Multiaddr
 
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
+from transport.addrs import is_private, private_mesh
 from transport.dht_keys import ADVERT_NAMESPACE, AdvertValidator
 from transport.patches import (
+    DialPublicOnly,
     ForgetDisconnectedPeers,
+    PeerEvents,
     apply_global_workarounds,
     no_auto_connect,
     no_republish,
@@ -211,12 +214,16 @@ def _split_p2p_addr(addr: str) -> tuple[str, list[str]]:
 class MeshHost:
     """What node and entry use; built by open_mesh_host()."""
 
-    def __init__(self, host, dht: KadDHT, identity: Identity):
+    def __init__(self, host, dht: KadDHT, identity: Identity, *, private: bool = True):
         self._host = host
         self._dht = dht
         self._swarm = host.get_network()
         self._id = host.get_id()
         self.identity = identity
+        # A mesh on loopback/LAN only (transport/addrs.py): private addresses are dialled and
+        # advertised. In a public mesh they are neither.
+        self.private_mesh = private
+        self._connect_listeners: list[Callable[[str], None]] = []
         self._provide_limiter = _SlidingWindowLimiter(PROVIDE_MAX_PER_WINDOW, PROVIDE_WINDOW_S)
         self._last_provided: dict[bytes, float] = {}
         self._value_listeners: list[Callable[[str, bytes], None]] = []
@@ -250,7 +257,77 @@ class MeshHost:
 
     @property
     def listen_addrs(self) -> list[str]:
-        return [str(a) for a in self._host.get_addrs()]
+        """Where we listen (or what announce_addrs said), dialable or not."""
+        return [str(a) for a in self._upstream_get_addrs()]
+
+    def _upstream_get_addrs(self):
+        return getattr(self._host, "_mesh_all_addrs", self._host.get_addrs)()
+
+    @property
+    def advertised_addrs(self) -> list[str]:
+        """What we tell others (adverts, identify, DHT peer records): in a public mesh, never
+        a wildcard, loopback or private address (transport/addrs.py)."""
+        addrs = self.listen_addrs
+        return addrs if self.private_mesh else [a for a in addrs if not is_private(a)]
+
+    def on_peer_connected(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(peer_id)` whenever a connection to a peer opens (either side
+        dialled). Lets an entry use a NAT'd node's connection the moment it arrives."""
+        self._connect_listeners.append(listener)
+
+    def _peer_connected(self, peer_id: str) -> None:
+        try:
+            # A dial that failed moments ago (a NAT'd peer: nothing to dial) must not keep
+            # the peer in the negative cache now that it reached us.
+            self._swarm.unblock_peer(ID.from_base58(peer_id))
+        except Exception:
+            pass
+        for fn in list(self._connect_listeners):
+            try:
+                fn(peer_id)
+            except Exception:
+                log.exception("connect listener failed")
+
+    def is_connected(self, peer_id: str) -> bool:
+        try:
+            conns = self._swarm.get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return False
+        return any(not getattr(c, "is_closed", False) for c in conns)
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to the peer (one that stopped answering is dead: a router
+        that forgot its NAT mapping drops its packets without telling either side)."""
+        with trio.move_on_after(2.0):
+            try:
+                await self._swarm.close_peer(ID.from_base58(peer_id))
+            except Exception:
+                log.debug("closing connections to %s failed", peer_id, exc_info=True)
+
+    async def ping(self, peer_id: str, *, timeout: float = 5.0) -> float:
+        """One libp2p ping (/ipfs/ping/1.0.0) over the existing connection (a new one is
+        dialled if there is none); the round trip in seconds. Raises DialError."""
+        from libp2p.host.ping import ID as PING_ID
+        from libp2p.host.ping import perform_ping_roundtrip
+
+        t0 = time.monotonic()
+        with trio.move_on_after(timeout):
+            try:
+                raw = await self._host.new_stream(ID.from_base58(peer_id), [PING_ID])
+            except _STREAM_ERRORS as e:
+                raise DialError(f"ping {peer_id}: {e}") from None
+            try:
+                await perform_ping_roundtrip(raw)
+                return time.monotonic() - t0
+            except (*_STREAM_ERRORS, ValueError, trio.TooSlowError) as e:
+                raise DialError(f"ping {peer_id}: {type(e).__name__}") from None
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    try:
+                        await raw.reset()
+                    except Exception:
+                        pass
+        raise DialError(f"ping {peer_id}: no answer in {timeout}s")
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]
@@ -624,6 +701,7 @@ async def open_mesh_host(
     *,
     dht_server: bool = True,
     announce_addrs: Iterable[str] | None = None,
+    private: bool | None = None,
 ) -> AsyncIterator[MeshHost]:
     """Start a libp2p host + Kademlia DHT; closes listener and connections on exit.
 
@@ -632,9 +710,15 @@ async def open_mesh_host(
     are logged and skipped. dht_server=False (a DHT client: stores nothing for others) suits
     an entry node. announce_addrs replaces the advertised addresses (listening on 0.0.0.0,
     or behind a port forward), since a wildcard listen address is not dialable.
+    private: is this a loopback/LAN-only mesh (transport/addrs.py)? None decides from the
+    listen host and the bootstrap addresses; a public mesh neither dials nor advertises
+    private addresses.
     Exceptions raised by the caller's block come out unwrapped, after the host has closed.
     """
     apply_global_workarounds()
+    bootstrap = list(bootstrap)
+    if private is None:
+        private = private_mesh(listen_host, bootstrap)
     key_pair = identity.libp2p_keypair()
     maddr = _listen_multiaddr(listen_host, listen_port)
     # Noise only: a default new_host() also offers plaintext, TLS and secio, and accepts a
@@ -659,7 +743,14 @@ async def open_mesh_host(
     dht.value_store._republish_records = no_republish
     dht.provider_store._republish_provider_records = no_republish
     swarm.register_notifee(ForgetDisconnectedPeers(dht))
-    mesh = MeshHost(host, dht, identity)
+    mesh = MeshHost(host, dht, identity, private=private)
+    swarm.register_notifee(PeerEvents(on_connected=lambda pid: mesh._peer_connected(pid.to_base58())))
+    if not private:
+        swarm.connection_gate = DialPublicOnly(swarm.connection_gate)
+        # identify and the DHT's signed peer records send host.get_addrs(): only the
+        # dialable ones (the upstream method stays reachable for listen_addrs).
+        host._mesh_all_addrs = host.get_addrs
+        host.get_addrs = lambda: [a for a in host._mesh_all_addrs() if not is_private(a)]
     _tap_stored_values(dht, mesh)
     # Raised only after the host's nurseries have closed: raised inside them, trio would
     # hand the caller an ExceptionGroup nested three deep instead of the error itself.
@@ -677,7 +768,7 @@ async def open_mesh_host(
                 else:
                     async with background_trio_service(dht):
                         if bootstrap:
-                            await mesh.bootstrap(list(bootstrap))
+                            await mesh.bootstrap(bootstrap)
                         try:
                             yield mesh
                         except Exception as e:  # the caller's error; Cancelled etc. pass through

@@ -154,7 +154,10 @@ async def _handle_inbound_until_closed(self, read_write_closer, maddr, failure_e
     transports (QUIC), security and muxer upgrade, cleanup and metrics on failure.
     """
     remote_maddr = self._build_remote_multiaddr(read_write_closer)
-    if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
+    gate = self.connection_gate
+    # DialPublicOnly filters what we dial, not who may connect to us.
+    allowed = getattr(gate, "is_allowed_inbound", gate.is_allowed)
+    if remote_maddr is not None and not await allowed(remote_maddr):
         try:
             await read_write_closer.close()
             failure_event.conn_incoming_error = True
@@ -399,6 +402,61 @@ class ForgetDisconnectedPeers(INotifee):
             log.debug("routing table cleanup failed", exc_info=True)
 
     async def connected(self, network, conn) -> None:
+        return None
+
+    async def opened_stream(self, network, stream) -> None:
+        return None
+
+    async def closed_stream(self, network, stream) -> None:
+        return None
+
+    async def listen(self, network, multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network, multiaddr) -> None:
+        return None
+
+
+class DialPublicOnly:
+    """A connection gate for a host in a public mesh (transport/addrs.py): py-libp2p dials
+    every address it learnt for a peer (identify, DHT peer records, provider records), and a
+    NAT'd peer's 0.0.0.0 / 192.168.x.y addresses cost a dial timeout each, or reach the wrong
+    host on our own LAN. Swarm.dial_peer asks the gate about every address before dialling;
+    private ones are refused here, so a peer that has nothing else fails at once ("blocked by
+    connection gate") and is reached over the connection it opened to us. Inbound connections
+    are judged by the wrapped gate alone (our _handle_inbound_until_closed asks
+    is_allowed_inbound)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    async def is_allowed(self, remote_addr) -> bool:
+        from transport.addrs import is_private
+
+        if is_private(remote_addr):
+            return False
+        return await self._inner.is_allowed(remote_addr)
+
+    async def is_allowed_inbound(self, remote_addr) -> bool:
+        return await self._inner.is_allowed(remote_addr)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class PeerEvents(INotifee):
+    """Calls on_connected(peer ID) for every new connection, whoever dialled."""
+
+    def __init__(self, on_connected):
+        self._on_connected = on_connected
+
+    async def connected(self, network, conn) -> None:
+        try:
+            self._on_connected(conn.muxed_conn.peer_id)
+        except Exception:
+            log.debug("connect listener failed", exc_info=True)
+
+    async def disconnected(self, network, conn) -> None:
         return None
 
     async def opened_stream(self, network, stream) -> None:

@@ -1,0 +1,71 @@
+"""A volunteer behind a home NAT, with real entry and node daemons in network namespaces."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.netns.mesh_lab import complete, logs, node_status, serving, start_entry, start_node, wait_until
+
+ADVERT_INTERVAL = 5.0
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["nat", "symmetric-nat"])
+def test_node_behind_nat_served_by_two_entries(lab, tmp_path, symmetric):
+    """The node bootstraps through e1 only; e2 (bootstrapped through e1) serves it too, within
+    one advert interval of the node being ready, and the node advertises no address nobody can
+    dial."""
+    home = lab.add_home(symmetric=symmetric)
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    e2 = start_entry(lab, tmp_path, "e2", lab.pub_ip, 4002, e1.p2p)
+    node = start_node(lab, tmp_path, "n1", home, e1.p2p, advert_interval=ADVERT_INTERVAL)
+    t0 = time.monotonic()
+    ctx = lambda: logs(e1.proc, e2.proc, node)  # noqa: E731
+    wait_until(lambda: serving(lab, e1) and serving(lab, e2), ADVERT_INTERVAL, "both entries serving the node", context=ctx)
+    took = time.monotonic() - t0
+    for e in (e1, e2):
+        status, _, body = complete(lab, e)
+        assert status == 200, (status, body, ctx())
+    st = node_status(node)
+    assert st["advertised_addrs"] == [], st  # 0.0.0.0 and 192.168.1.2 are nobody's to dial
+    assert st["entry_links"]["connected"] == 2, st
+    print(f"served by both entries {took:.2f}s after the node was ready")
+
+
+def test_recovers_after_router_reset_and_uplink_outage(lab, tmp_path):
+    home = lab.add_home()
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    node = start_node(lab, tmp_path, "n1", home, e1.p2p)
+    ctx = lambda: logs(e1.proc, node) + "\n" + home.mappings()  # noqa: E731
+    wait_until(lambda: complete(lab, e1)[0] == 200, 20, "first completion", context=ctx)
+
+    home.router_reset()  # the router forgets every mapping; the old connection is dead
+    t0 = time.monotonic()
+    wait_until(lambda: complete(lab, e1, timeout=5)[0] == 200, 30, "serving again after the router reset", context=ctx)
+    reset_s = time.monotonic() - t0
+
+    home.cut_uplink()
+    t_cut = time.monotonic()
+    # Down long enough that both sides gave the old connection up.
+    wait_until(lambda: not serving(lab, e1), 30, "the entry noticing the outage", context=ctx)
+    time.sleep(max(0.0, 25 - (time.monotonic() - t_cut)))
+    home.restore_uplink()
+    t0 = time.monotonic()
+    wait_until(lambda: complete(lab, e1, timeout=5)[0] == 200, 30, "serving again after the outage", context=ctx)
+    outage_s = time.monotonic() - t0
+    print(f"serving again {reset_s:.1f}s after a router reset, {outage_s:.1f}s after the uplink returned")
+
+
+def test_briefly_unreachable_node_gives_503_not_404(lab, tmp_path):
+    home = lab.add_home()
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    node = start_node(lab, tmp_path, "n1", home, e1.p2p)
+    ctx = lambda: logs(e1.proc, node)  # noqa: E731
+    wait_until(lambda: serving(lab, e1), 20, "the entry serving the node", context=ctx)
+    home.cut_uplink()
+    wait_until(lambda: not serving(lab, e1), 30, "the entry noticing the outage", context=ctx)
+    status, headers, body = complete(lab, e1)
+    assert status == 503, (status, body)
+    assert "retry-after" in headers
+    home.restore_uplink()
