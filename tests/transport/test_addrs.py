@@ -1,5 +1,6 @@
 from protocol.identity import Identity
 from transport.addrs import is_private, private_mesh, public_only
+
 PEER = Identity.generate().peer_id
 
 
