@@ -26,6 +26,7 @@ from runtime.errors import CliError
 from runtime.heap import freeze_startup_heap
 from transport.discovery import announce_entry_loop
 from transport.host import open_mesh_host
+from transport.reachability import DialbackService
 
 log = logging.getLogger("mesh.entry")
 
@@ -81,6 +82,7 @@ class EntryDaemon:
                     # Entries are public: nodes behind NAT find us here and keep a connection
                     # open to us, the only way we can reach them (transport/links.py).
                     nursery.start_soon(announce_entry_loop, host)
+                    DialbackService(host).register()
                     await nursery.start(verifier.run)
                     if verifier.models:
                         await nursery.start(CanaryProber(backend, verifier, CanaryConfig(interval=cfg.canary_interval)).run)

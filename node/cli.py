@@ -106,6 +106,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     if "advertised_addrs" in s:
         lines.append(f"advertise {', '.join(s['advertised_addrs']) or 'no address (not publicly reachable: entries use our connections)'}")
+    reach = s.get("reachability")
+    if reach:
+        lines.append(f"reach    {reach['state']} (checked by {reach['checked_by']} peers; seen as {', '.join(reach['observed']) or '?'})")
     links = s.get("entry_links")
     if links:
         lines.append(f"entries  {links['connected']}/{links['entries']} connected (re-joined the mesh {links['rejoins']} times)")

@@ -33,6 +33,8 @@ log = logging.getLogger("mesh.node")
 # How long a stopping node waits for requesters to take the last frames of finished
 # generations (they close the stream after the final frame).
 FLUSH_WAIT_S = 5.0
+# How often a node re-checks that it is directly reachable (a dial-back from entries).
+REACH_INTERVAL_S = 600.0
 
 
 class NodeStartError(Exception):
@@ -86,6 +88,8 @@ class NodeDaemon:
         self._stop = trio.Event()
         self._stopping = False
         self.links = None  # transport.links.EntryLinks once the host is up
+        self.reach = None  # transport.reachability.Reachability, likewise
+        self._reach_due = trio.Event()
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -141,14 +145,45 @@ class NodeDaemon:
         """Keep connections to entries open, pinged and re-dialled (transport/links.py): behind
         a home NAT they are the only way in."""
         from transport.links import EntryLinks
+        from transport.reachability import Reachability
 
         async def rejoined() -> None:
-            # Back after an outage: storers' copies of our advert may have lapsed meanwhile.
+            # Back after an outage: storers' copies of our advert may have lapsed meanwhile,
+            # and the new network may differ (another NAT, a port forward gone).
             self._replicated_at = None
+            self._reach_due.set()
             await self._publish()
 
         self.links = EntryLinks(self.host, self.cfg.bootstrap, on_rejoined=rejoined)
+        self.reach = Reachability(self.host)
+        if not self.host.private_mesh:
+            self.host.reach = self.reach
+            # Nobody can dial us until a dial-back says otherwise: no DHT server role.
+            await self.host.set_dht_server(False)
+            nursery.start_soon(self._reach_loop)
         await nursery.start(self.links.run)
+
+    async def _reach_loop(self) -> None:
+        """Ask connected entries to dial us back over a new connection (transport/
+        reachability.py) at start, after every re-join, and every REACH_INTERVAL_S."""
+        from transport.reachability import DIRECT
+
+        first = True
+        while not self._stopping:
+            with trio.move_on_after(5.0 if first else REACH_INTERVAL_S):
+                await self._reach_due.wait()
+            self._reach_due = trio.Event()
+            peers = [lk.peer_id for lk in self.links.connected()][:3] if self.links else []
+            if not peers:
+                continue
+            first = False
+            before = (self.reach.state, self.reach.advertised())
+            await self.reach.probe(peers)
+            await self.host.set_dht_server(self.reach.state == DIRECT)
+            if (self.reach.state, self.reach.advertised()) != before:
+                log.info("reachability", extra={"state": self.reach.state, "addrs": ",".join(self.reach.advertised())})
+                self._replicated_at = None
+                await self._publish()
 
     # ---- advertising ------------------------------------------------------------------------
     def _advert(self, draining: bool = False) -> CapacityAdvert:
@@ -233,6 +268,8 @@ class NodeDaemon:
             "addrs": list(self.host.listen_addrs) if self.host else [],
             "advertised_addrs": list(self.host.advertised_addrs) if self.host else [],
             "entry_links": self.links.summary() if self.links else None,
+            "reachability": self.reach.summary() if self.reach else None,
+            "dht_server": self.host.dht_server if self.host else None,
             "model": {"name": self.model_id, "sha256": info.sha256, "quantization": info.quantization,
                       "architecture": info.architecture, "path": str(info.path), "context_size": svc.context_size},
             "slots": a.total, "active": a.active, "queued": a.queued, "queue_limit": a.queue_limit,

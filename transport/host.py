@@ -223,6 +223,9 @@ class MeshHost:
         # A mesh on loopback/LAN only (transport/addrs.py): private addresses are dialled and
         # advertised. In a public mesh they are neither.
         self.private_mesh = private
+        # Set by whoever checks reachability (transport/reachability.py): in a public mesh,
+        # only the addresses it confirmed are advertised.
+        self.reach = None
         self._connect_listeners: list[Callable[[str], None]] = []
         self._provide_limiter = _SlidingWindowLimiter(PROVIDE_MAX_PER_WINDOW, PROVIDE_WINDOW_S)
         self._last_provided: dict[bytes, float] = {}
@@ -268,7 +271,34 @@ class MeshHost:
         """What we tell others (adverts, identify, DHT peer records): in a public mesh, never
         a wildcard, loopback or private address (transport/addrs.py)."""
         addrs = self.listen_addrs
-        return addrs if self.private_mesh else [a for a in addrs if not is_private(a)]
+        if self.private_mesh:
+            return addrs
+        if self.reach is not None:
+            return list(self.reach.advertised())
+        return [a for a in addrs if not is_private(a)]
+
+    async def set_dht_server(self, server: bool) -> None:
+        """A host nobody can dial must not be a DHT server: peers would be handed its
+        addresses in every lookup answer and time out on it (a DHT client stores nothing for
+        others and is left out of their routing tables)."""
+        mode = DHTMode.SERVER if server else DHTMode.CLIENT
+        if self._dht.mode == mode:
+            return
+        # Not KadDHT.switch_mode(): switching to client it also empties the routing table
+        # (cleanup_routing_table), and a client needs its table to find the peers it stores
+        # at. The mode is only whether we answer the KAD protocol.
+        from libp2p.kad_dht.kad_dht import PROTOCOL_ID as KAD_PROTOCOL_ID
+
+        if server:
+            self._host.set_stream_handler(KAD_PROTOCOL_ID, self._dht.handle_stream)
+        else:
+            self._host.remove_stream_handler(KAD_PROTOCOL_ID)
+        self._dht.mode = mode
+        log.info("DHT mode", extra={"mode": mode.name.lower()})
+
+    @property
+    def dht_server(self) -> bool:
+        return self._dht.mode == DHTMode.SERVER
 
     def on_peer_connected(self, listener: Callable[[str], None]) -> None:
         """Call `listener(peer_id)` whenever a connection to a peer opens (either side
@@ -750,7 +780,7 @@ async def open_mesh_host(
         # identify and the DHT's signed peer records send host.get_addrs(): only the
         # dialable ones (the upstream method stays reachable for listen_addrs).
         host._mesh_all_addrs = host.get_addrs
-        host.get_addrs = lambda: [a for a in host._mesh_all_addrs() if not is_private(a)]
+        host.get_addrs = lambda: [Multiaddr(a) for a in mesh.advertised_addrs]
     _tap_stored_values(dht, mesh)
     # Raised only after the host's nurseries have closed: raised inside them, trio would
     # hand the caller an ExceptionGroup nested three deep instead of the error itself.

@@ -167,6 +167,19 @@ class NodeState:
             return self.status.decode_tps
         return self.advert.decode_tps
 
+    def reachability(self, private_mesh: bool = False) -> str:
+        """How peers can reach this node, by its signed advert: "direct" (an address a
+        dial-back confirmed; any address in a private mesh), "relayed" (only through a circuit
+        relay), "unreachable-direct" (no address at all: only over its own connections)."""
+        from transport.addrs import is_private, is_relayed
+
+        addrs = self.advert.addrs
+        if any(not is_relayed(a) and (private_mesh or not is_private(a)) for a in addrs):
+            return "direct"
+        if any(is_relayed(a) for a in addrs):
+            return "relayed"
+        return "unreachable-direct"
+
     def live(self) -> bool:
         """Serving, as far as we can tell (counted in /v1/models)."""
         return self.present and self.connected and not self.leaving and not (self.status and self.status.draining)

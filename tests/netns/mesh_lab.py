@@ -37,13 +37,14 @@ def start_entry(lab: NatLab, tmp: Path, name: str, ip: str, port: int, *bootstra
     return Entry(proc, ns, info["url"], info["peer_id"], f"{p2p}/p2p/{info['peer_id']}")
 
 
-def start_node(lab: NatLab, tmp: Path, name: str, home: Home, *bootstrap: str, advert_interval: float = 5.0,
-               extra: tuple[str, ...] = ()) -> NodeProc:
+def start_node(lab: NatLab, tmp: Path, name: str, home: Home | str, *bootstrap: str, advert_interval: float = 5.0,
+               listen: str = "0.0.0.0", extra: tuple[str, ...] = ()) -> NodeProc:
+    """A synthetic node in `home` (or in the namespace named by a string)."""
     args = ["node", "start", "--synthetic", MODEL, "--synthetic-rate", "200", "--skip-benchmark",
-            "--listen-host", "0.0.0.0", "--advert-interval", str(advert_interval), *extra]
+            "--listen-host", listen, "--advert-interval", str(advert_interval), *extra]
     for b in bootstrap:
         args += ["--bootstrap", b]
-    proc = lab.spawn(home.ns, tmp, name, *args)
+    proc = lab.spawn(home if isinstance(home, str) else home.ns, tmp, name, *args)
     info = wait_ready_sync(proc, 60)
     proc.peer_id, proc.addrs = info["peer_id"], info["addrs"]
     return proc

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.netns.mesh_lab import complete, logs, node_status, serving, start_entry, start_node, wait_until
+from tests.netns.mesh_lab import complete, logs, mesh_nodes, node_status, serving, start_entry, start_node, wait_until
 
 ADVERT_INTERVAL = 5.0
 
@@ -69,3 +69,34 @@ def test_briefly_unreachable_node_gives_503_not_404(lab, tmp_path):
     assert status == 503, (status, body)
     assert "retry-after" in headers
     home.restore_uplink()
+
+
+def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
+    """A NAT'd node is told it is not directly reachable although its connection to the entry
+    works (AutoNAT v1 would say it is), runs as a DHT client and advertises nothing; a node on
+    a public address is confirmed, advertises that address, and serves the DHT. The entry's
+    node view says which is which."""
+    home = lab.add_home()
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    natted = start_node(lab, tmp_path, "nat", home, e1.p2p)
+    public_ns, public_ip = lab.add_public_host(1)
+    public = start_node(lab, tmp_path, "pub", public_ns, e1.p2p, listen=public_ip, extra=("--port", "4100"))
+    ctx = lambda: logs(e1.proc, natted, public)  # noqa: E731
+
+    def checked(node) -> dict:
+        st = node_status(node)
+        return st if (st.get("reachability") or {}).get("checked_by") else {}
+
+    wait_until(lambda: checked(natted) and checked(public), 30, "both nodes checked by a dial-back", context=ctx)
+    st = checked(natted)
+    assert st["reachability"]["state"] == "unreachable-direct" and st["advertised_addrs"] == [], st
+    assert st["reachability"]["observed"] == [f"/ip4/{home.wan_ip}"] and st["dht_server"] is False, st
+    st = checked(public)
+    direct = f"/ip4/{public_ip}/tcp/4100"
+    assert st["reachability"]["state"] == "direct" and st["advertised_addrs"] == [direct], st
+    assert st["dht_server"] is True, st
+
+    def view() -> list[str]:
+        return sorted(n["reachability"] for n in mesh_nodes(lab, e1) if n.get("state") in ("ready", "busy"))
+
+    wait_until(lambda: view() == ["direct", "unreachable-direct"], 20, "the entry's view", context=ctx)

@@ -138,11 +138,16 @@ class NatLab:
         self._namespaces.append(name)
         ns_exec(name, "ip", "link", "set", "lo", "up")
 
-    def public_ip(self, n: int) -> str:
-        """Another address on the public net, for a second public host in the pub namespace."""
-        ip = f"{PUBLIC_NET}.{100 + n}"
-        ns_exec(self.pub, "ip", "addr", "add", f"{ip}/24", "dev", "br0", check=False)
-        return ip
+    def add_public_host(self, n: int) -> tuple[str, str]:
+        """A host of its own on the public net (no NAT): (namespace, address). Its own
+        namespace, so the connections it opens come from its address."""
+        ns, ip = f"{self.tag}-p{n}", f"{PUBLIC_NET}.{100 + n}"
+        self._add_ns(ns)
+        ns_exec(ns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", f"pub{n}", "netns", self.pub)
+        ns_exec(self.pub, "ip", "link", "set", f"pub{n}", "master", "br0", "up")
+        ns_exec(ns, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+        ns_exec(ns, "ip", "link", "set", "eth0", "up")
+        return ns, ip
 
     def add_home(self, *, symmetric: bool = False) -> Home:
         k = len(self.homes) + 1
