@@ -7,6 +7,7 @@ tests/transport/test_patches.py; docs/ARCHITECTURE.md lists the sharp edges they
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import socket
 from collections import OrderedDict
@@ -477,3 +478,55 @@ async def no_auto_connect() -> None:
     # connects on purpose (bootstrap, DHT lookups, chosen nodes); background dials to every
     # peer a lookup ever mentioned only burn CPU and sockets.
     return None
+
+
+# -- circuit relay v2 ---------------------------------------------------------------------------
+
+_CIRCUIT = contextvars.ContextVar("mesh_relay_circuit", default=None)
+
+
+class _CircuitStreams(dict):
+    """CircuitV2Protocol._active_relays, keyed the way upstream keys it (by peer) but with
+    the lookup its _relay_data cleanup does answered from the circuit that task relays.
+
+    Upstream (py-libp2p 0.8.1) stores `_active_relays[source peer] = (stream, None)` and
+    `_active_relays[destination peer] = (stream, dst)`, and when either direction of a circuit
+    ends it closes the streams found under its own peer key. Two circuits from one source
+    through one relay share that key, so ending one closed the other's source stream: a
+    requester's circuit to node B died when its circuit to node C ended. Inside a relay task
+    (see _relay_data_own_circuit) the cleanup now sees exactly its own two streams; the
+    relay's shutdown still closes everything stored."""
+
+    def __contains__(self, key) -> bool:
+        return _CIRCUIT.get() is not None or super().__contains__(key)
+
+    def __getitem__(self, key):
+        own = _CIRCUIT.get()
+        return own if own is not None else super().__getitem__(key)
+
+    def __delitem__(self, key) -> None:
+        if _CIRCUIT.get() is None:
+            super().__delitem__(key)
+
+
+def _relay_data_own_circuit(original):
+    async def _relay_data(self, src_stream, dst_stream, peer_id, *args, **kwargs):
+        # Each direction runs in its own task: the context variable is that task's alone.
+        _CIRCUIT.set((src_stream, dst_stream))
+        return await original(self, src_stream, dst_stream, peer_id, *args, **kwargs)
+
+    _relay_data._mesh_own_circuit = True
+    return _relay_data
+
+
+def apply_relay_workarounds() -> None:
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+
+    if not getattr(CircuitV2Protocol._relay_data, "_mesh_own_circuit", False):
+        CircuitV2Protocol._relay_data = _relay_data_own_circuit(CircuitV2Protocol._relay_data)
+
+
+def fix_circuit_bookkeeping(protocol) -> None:
+    """Per relay instance (its dict is made in __init__)."""
+    if not isinstance(protocol._active_relays, _CircuitStreams):
+        protocol._active_relays = _CircuitStreams(protocol._active_relays)
