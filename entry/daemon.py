@@ -65,7 +65,7 @@ class EntryDaemon:
     async def _serve(self, identity, keys, backend_cfg, metrics, ledger, verifier, seeds) -> None:
         cfg = self.cfg
         async with open_mesh_host(identity, listen_host=cfg.listen_host, listen_port=cfg.p2p_port,
-                                  bootstrap=cfg.bootstrap) as host:
+                                  bootstrap=cfg.bootstrap, private=cfg.private_mesh) as host:
             async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done) as backend, \
                     open_providers(cfg.providers) as providers:
                 auto = AutoRouting(cfg.routing, providers, cfg.routing_dir(),
@@ -83,6 +83,10 @@ class EntryDaemon:
                     # open to us, the only way we can reach them (transport/links.py).
                     nursery.start_soon(announce_entry_loop, host)
                     DialbackService(host).register()
+                    if cfg.relay:
+                        from transport.relay import MeshRelay
+
+                        await nursery.start(MeshRelay(host, hop=True).run)
                     await nursery.start(verifier.run)
                     if verifier.models:
                         await nursery.start(CanaryProber(backend, verifier, CanaryConfig(interval=cfg.canary_interval)).run)

@@ -42,6 +42,14 @@ def add_parser(sub) -> None:
     s.add_argument("--synthetic", metavar="NAME", help="benchmarks only: serve a synthetic engine (no model; "
                    "deterministic tokens at --synthetic-rate) under this model name instead of a GGUF file")
     s.add_argument("--synthetic-rate", type=float, help="tokens/s per generation of the --synthetic engine (default 500)")
+    s.add_argument("--public-addr", action="append", metavar="MULTIADDR",
+                   help="an address peers can dial us at (a port forward; repeatable); advertised once an entry "
+                   "dialled it back over a new connection")
+    s.add_argument("--relay", action="store_true", default=None,
+                   help="relay circuits for peers nobody can dial (only useful on a public address)")
+    s.add_argument("--private-mesh", action="store_true", default=None,
+                   help="the whole mesh is on loopback/LAN addresses: dial and advertise private addresses (default: "
+                   "decided from --listen-host and --bootstrap)")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
 
@@ -55,7 +63,7 @@ def add_parser(sub) -> None:
 
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
-               "log_format", "log_level", "synthetic", "synthetic_rate")
+               "log_format", "log_level", "synthetic", "synthetic_rate", "public_addr", "relay", "private_mesh")
 
 
 def cmd_start(args: argparse.Namespace) -> int:

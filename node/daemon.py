@@ -120,7 +120,8 @@ class NodeDaemon:
         from transport.host import open_mesh_host
 
         async with open_mesh_host(self.identity, listen_host=cfg.listen_host, listen_port=cfg.port,
-                                  bootstrap=cfg.bootstrap) as host:
+                                  bootstrap=cfg.bootstrap, private=cfg.private_mesh,
+                                  announce_addrs=cfg.public_addr or None) as host:
             self.host = host
             host.set_stream_handler(INFER_PROTOCOL_ID, self.service.handle_stream)
             async with trio.open_nursery() as nursery:
@@ -154,8 +155,13 @@ class NodeDaemon:
             self._reach_due.set()
             await self._publish()
 
+        from transport.relay import MeshRelay
+
         self.links = EntryLinks(self.host, self.cfg.bootstrap, on_rejoined=rejoined)
         self.reach = Reachability(self.host)
+        self.relay = MeshRelay(self.host, hop=self.cfg.relay)
+        self.host.relay = self.relay
+        await nursery.start(self.relay.run)
         if not self.host.private_mesh:
             self.host.reach = self.reach
             # Nobody can dial us until a dial-back says otherwise: no DHT server role.
@@ -180,10 +186,27 @@ class NodeDaemon:
             before = (self.reach.state, self.reach.advertised())
             await self.reach.probe(peers)
             await self.host.set_dht_server(self.reach.state == DIRECT)
+            await self._keep_relay_slot(peers)
             if (self.reach.state, self.reach.advertised()) != before:
                 log.info("reachability", extra={"state": self.reach.state, "addrs": ",".join(self.reach.advertised())})
                 self._replicated_at = None
                 await self._publish()
+
+    async def _keep_relay_slot(self, peers: list[str]) -> None:
+        """Not directly reachable: hold a relay slot at a connected entry and advertise it.
+        Re-reserved on every check (after a re-join too): py-libp2p does not renew a
+        reservation after the connection to the relay was lost."""
+        from transport.reachability import DIRECT
+
+        if self.reach.state == DIRECT:
+            self.reach.relayed = []
+            return
+        for peer in peers:
+            addr = await self.relay.reserve(peer)
+            if addr:
+                self.reach.relayed = [addr]
+                return
+        self.reach.relayed = []
 
     # ---- advertising ------------------------------------------------------------------------
     def _advert(self, draining: bool = False) -> CapacityAdvert:

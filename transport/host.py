@@ -226,6 +226,9 @@ class MeshHost:
         # Set by whoever checks reachability (transport/reachability.py): in a public mesh,
         # only the addresses it confirmed are advertised.
         self.reach = None
+        # transport.relay.MeshRelay, when this host runs one: /p2p-circuit addresses are
+        # dialled through it (py-libp2p's swarm never dials them itself).
+        self.relay = None
         self._connect_listeners: list[Callable[[str], None]] = []
         self._provide_limiter = _SlidingWindowLimiter(PROVIDE_MAX_PER_WINDOW, PROVIDE_WINDOW_S)
         self._last_provided: dict[bytes, float] = {}
@@ -421,22 +424,50 @@ class MeshHost:
     def remove_stream_handler(self, protocol_id: str) -> None:
         self._host.remove_stream_handler(TProtocol(protocol_id))
 
+    async def _via_relay(self, peer_id: str, addrs: Iterable[str] | None, timeout: float) -> bool:
+        """No connection yet and only relayed addresses (or direct ones that failed): a
+        circuit through the first relay that takes us there. True once connected."""
+        relayed = [a for a in (addrs or []) if "/p2p-circuit" in a]
+        if self.relay is None or not relayed or self.is_connected(peer_id):
+            return False
+        for a in relayed:
+            with trio.move_on_after(timeout):
+                try:
+                    await self.relay.dial(peer_id, a)
+                    return True
+                except Exception as e:
+                    log.debug("relayed dial to %s via %s failed: %s", peer_id, a, e)
+        return False
+
     async def connect(self, peer_id: str, addrs: Iterable[str] | None = None, *, timeout: float = DIAL_TIMEOUT_S) -> None:
-        if addrs:
-            self.learn_addrs(peer_id, addrs)
+        addrs = list(addrs or [])
+        direct = [a for a in addrs if "/p2p-circuit" not in a]
+        if direct:
+            self.learn_addrs(peer_id, direct)
+        elif addrs and not self.is_connected(peer_id):
+            if await self._via_relay(peer_id, addrs, timeout):
+                return
+            raise DialError(f"cannot connect to {peer_id} through a relay")
         pid = ID.from_base58(peer_id)
         with trio.move_on_after(timeout) as scope:
             try:
                 await self._swarm.dial_peer(pid)
             except _STREAM_ERRORS as e:
+                if await self._via_relay(peer_id, addrs, timeout):
+                    return
                 raise DialError(f"cannot connect to {peer_id}: {e}") from None
         if scope.cancelled_caught:
+            if await self._via_relay(peer_id, addrs, timeout):
+                return
             raise DialError(f"connecting to {peer_id} timed out after {timeout}s")
 
     async def open_stream(
         self, peer_id: str, protocol_id: str, addrs: Iterable[str] | None = None, *, timeout: float = DIAL_TIMEOUT_S
     ) -> MeshStream:
-        if addrs:
+        addrs = list(addrs or [])
+        if any("/p2p-circuit" in a for a in addrs) and not self.is_connected(peer_id):
+            await self.connect(peer_id, addrs, timeout=timeout)  # direct first, then the relay
+        elif addrs:
             self.learn_addrs(peer_id, addrs)
         pid = ID.from_base58(peer_id)
         with trio.move_on_after(timeout):

@@ -27,8 +27,11 @@ def test_node_behind_nat_served_by_two_entries(lab, tmp_path, symmetric):
     for e in (e1, e2):
         status, _, body = complete(lab, e)
         assert status == 200, (status, body, ctx())
+    # 0.0.0.0 and 192.168.1.2 are nobody's to dial: only a relay slot at an entry is advertised.
+    wait_until(lambda: node_status(node).get("reachability", {}).get("state") == "relayed", 20, "a relay slot", context=ctx)
     st = node_status(node)
-    assert st["advertised_addrs"] == [], st  # 0.0.0.0 and 192.168.1.2 are nobody's to dial
+    assert st["advertised_addrs"] and all(a.endswith("/p2p-circuit") and a.startswith(f"/ip4/{lab.pub_ip}/")
+                                          for a in st["advertised_addrs"]), st
     assert st["entry_links"]["connected"] == 2, st
     print(f"served by both entries {took:.2f}s after the node was ready")
 
@@ -73,7 +76,8 @@ def test_briefly_unreachable_node_gives_503_not_404(lab, tmp_path):
 
 def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
     """A NAT'd node is told it is not directly reachable although its connection to the entry
-    works (AutoNAT v1 would say it is), runs as a DHT client and advertises nothing; a node on
+    works (AutoNAT v1 would say it is), runs as a DHT client and advertises only a relay slot at
+    the entry; a node on
     a public address is confirmed, advertises that address, and serves the DHT. The entry's
     node view says which is which."""
     home = lab.add_home()
@@ -85,11 +89,13 @@ def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
 
     def checked(node) -> dict:
         st = node_status(node)
-        return st if (st.get("reachability") or {}).get("checked_by") else {}
+        reach = st.get("reachability") or {}
+        return st if reach.get("checked_by") and reach.get("state") != "unreachable-direct" else {}
 
     wait_until(lambda: checked(natted) and checked(public), 30, "both nodes checked by a dial-back", context=ctx)
     st = checked(natted)
-    assert st["reachability"]["state"] == "unreachable-direct" and st["advertised_addrs"] == [], st
+    assert st["reachability"]["state"] == "relayed" and st["reachability"]["direct_addrs"] == [], st
+    assert st["advertised_addrs"] == [f"{e1.p2p}/p2p-circuit"], st
     assert st["reachability"]["observed"] == [f"/ip4/{home.wan_ip}"] and st["dht_server"] is False, st
     st = checked(public)
     direct = f"/ip4/{public_ip}/tcp/4100"
@@ -99,4 +105,4 @@ def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
     def view() -> list[str]:
         return sorted(n["reachability"] for n in mesh_nodes(lab, e1) if n.get("state") in ("ready", "busy"))
 
-    wait_until(lambda: view() == ["direct", "unreachable-direct"], 20, "the entry's view", context=ctx)
+    wait_until(lambda: view() == ["direct", "relayed"], 20, "the entry's view", context=ctx)

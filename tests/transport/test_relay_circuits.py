@@ -37,9 +37,10 @@ async def test_stream_through_a_relay_and_two_circuits_one_relay():
                 circuit[name] = await relays[name].reserve(relay_host.peer_id)
                 assert circuit[name] and circuit[name].endswith(f"/p2p/{relay_host.peer_id}/p2p-circuit")
             await a.connect(relay_host.peer_id, relay_host.listen_addrs)
+            a.relay = relays["a"]
             for name, h in (("b", b), ("c", c)):
-                await relays["a"].dial(h.peer_id, circuit[name])
-                s = await a.open_stream(h.peer_id, ECHO)
+                # Only the relayed address: the host dials it through the relay itself.
+                s = await a.open_stream(h.peer_id, ECHO, [circuit[name]])
                 await FrameWriter(s).write_frame({"x": name})
                 assert (await FrameReader(s).read_frame())["echo"] == {"x": name}
                 await s.close()
