@@ -113,6 +113,7 @@ class NatLab:
     pub_ip: str = f"{PUBLIC_NET}.1"
     homes: list[Home] = field(default_factory=list)
     procs: list[NodeProc] = field(default_factory=list)
+    extra_procs: list = field(default_factory=list)  # other subprocess.Popen started in the lab
     _namespaces: list[str] = field(default_factory=list)
 
     @classmethod
@@ -221,6 +222,10 @@ table inet cut {{
         return _parse_curl(r.stdout)
 
     def close(self) -> None:
+        for ep in self.extra_procs:
+            if ep.poll() is None:
+                ep.kill()  # by pid: a process this lab started
+                ep.wait(5)
         for p in self.procs:
             try:
                 p.stop()
