@@ -583,13 +583,9 @@ class MeshHost:
         deadline = trio.current_time() + timeout
         lookup_key = self._value_lookup_key(kb)
         cached = self._storers.get(lookup_key)
-        if cached is not None and time.monotonic() - cached[0] < STORERS_REUSE_S:
-            peers = cached[1]
-        else:
-            peers = await self._closest_peers(lookup_key, trio.current_time() + timeout / 2)
-            self._storers[lookup_key] = (time.monotonic(), peers)
         stored = 0
         limiter = trio.CapacityLimiter(10)
+        started: set[ID] = set()
 
         async def store(peer: ID) -> None:
             nonlocal stored
@@ -600,11 +596,27 @@ class MeshHost:
                 except Exception:
                     log.debug("PUT_VALUE to %s failed", peer, exc_info=True)
 
+        def store_at(nursery: trio.Nursery, peers: Iterable[ID]) -> None:
+            for p in peers:
+                if p not in started and p != self._id:
+                    started.add(p)
+                    nursery.start_soon(store, p)
+
         with trio.move_on_at(deadline):
             async with trio.open_nursery() as nursery:
-                for p in peers:
-                    nursery.start_soon(store, p)
-        if stored < (len(peers) + 1) // 2:
+                if cached is not None and time.monotonic() - cached[0] < STORERS_REUSE_S:
+                    store_at(nursery, cached[1])
+                else:
+                    # The peers we know are stored at right away, while the lookup runs: one
+                    # black-holed peer in the lookup (a frozen or unplugged host) used to hold
+                    # every store back until the caller's deadline, so storers kept an advert
+                    # that expired meanwhile and the node dropped out of discovery.
+                    store_at(nursery, self._dht.routing_table.find_local_closest_peers(lookup_key, 20))
+                    store_at(nursery, self._host.get_connected_peers())
+                    peers = await self._closest_peers(lookup_key, trio.current_time() + timeout / 2)
+                    self._storers[lookup_key] = (time.monotonic(), peers)
+                    store_at(nursery, peers)
+        if stored < (len(started) + 1) // 2:
             self._storers.pop(lookup_key, None)  # many are gone: look them up afresh next time
         return stored
 
