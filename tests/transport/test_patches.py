@@ -622,3 +622,24 @@ async def test_public_mesh_never_dials_private_addresses_but_serves_their_connec
     async with open_mesh_host(Identity.generate()) as private, open_mesh_host(Identity.generate()) as home:
         home.set_stream_handler(ECHO, echo)
         assert (await round_trip(private, home.peer_id, home.listen_addrs))["echo"] == {"x": 1}
+
+
+async def test_black_holed_dht_peer_does_not_hold_back_an_advert_put():
+    """A DHT peer that accepts KAD streams and never answers (frozen, unplugged) must not keep
+    an advert from the storer that does answer: the caller's short deadline (a node's advert
+    refresh) used to expire inside the lookup, before any store was sent."""
+    from libp2p.kad_dht.kad_dht import PROTOCOL_ID as KAD_PROTOCOL_ID
+
+    me = Identity.generate()
+    async with open_mesh_host(Identity.generate()) as storer, open_mesh_host(Identity.generate()) as hole:
+        async def never_answer(stream) -> None:
+            await trio.sleep(60)
+
+        hole._host.set_stream_handler(KAD_PROTOCOL_ID, never_answer)
+        async with open_mesh_host(me, bootstrap=[f"{a}" for a in storer.listen_addrs]) as node:
+            await node.bootstrap(hole.listen_addrs, timeout=1.0)
+            got: list[str] = []
+            storer.on_value_stored(lambda k, v: got.append(k))
+            with trio.move_on_after(2.0):  # what a node's refresh allows; the put's own timeout is 10 s
+                await node.put_value(advert_key(me.peer_id), make_advert(me, node, 1), timeout=10.0)
+            assert got == [advert_key(me.peer_id)]
