@@ -687,8 +687,9 @@ class MeshHost:
                 return value
         return None
 
-    async def bootstrap(self, addrs: Iterable[str], *, timeout: float = DIAL_TIMEOUT_S) -> int:
-        """Connect to bootstrap peers and join the DHT; returns how many answered."""
+    async def bootstrap(self, addrs: Iterable[str], *, timeout: float = DIAL_TIMEOUT_S, lookup: bool = True) -> int:
+        """Connect to bootstrap peers and join the DHT; returns how many answered.
+        lookup=False skips the join lookup (the caller runs join_lookup() when it suits it)."""
         joined = 0
         for addr in addrs:
             try:
@@ -700,12 +701,18 @@ class MeshHost:
                 joined += 1
             except Exception as e:  # a bad or dead bootstrap entry must not stop the others
                 log.warning("bootstrap peer %s unreachable: %s", addr, e)
-        if joined:
-            # Kademlia join: a lookup of our own id introduces us to the peers near us and
-            # fills our routing table.
-            with trio.move_on_after(timeout):
-                await self._dht.peer_routing.find_closest_peers_network(self._id.to_bytes())
+        if joined and lookup:
+            await self.join_lookup(timeout=timeout)
         return joined
+
+    async def join_lookup(self, *, timeout: float = DIAL_TIMEOUT_S) -> None:
+        """Kademlia join: a lookup of our own id introduces us to the peers near us and fills
+        our routing table."""
+        with trio.move_on_after(timeout):
+            try:
+                await self._dht.peer_routing.find_closest_peers_network(self._id.to_bytes())
+            except Exception:
+                log.debug("join lookup failed", exc_info=True)
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):

@@ -33,7 +33,7 @@ log = logging.getLogger("mesh.links")
 PING_INTERVAL_S = 10.0
 RETRY_INTERVAL_S = 2.5
 PING_TIMEOUT_S = 5.0
-DEAD_AFTER_S = 20.0
+DEAD_AFTER_S = 15.0  # 15 s without an answer: with 10 s pings, closed 5-20 s after the link died
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 5.0  # the dial itself times out after 5 s: a returning link is found in <= ~10 s
 FIND_INTERVAL_S = 30.0
@@ -163,7 +163,8 @@ class EntryLinks:
     async def _dial(self, link: Link) -> None:
         was_alone = not self.connected()
         try:
-            joined = await self.host.bootstrap(link.addrs) if link.addrs else 0
+            # The DHT join lookup waits until we are back: a returning node's advert goes out first.
+            joined = await self.host.bootstrap(link.addrs, lookup=False) if link.addrs else 0
             now = self._clock()
             if not joined:
                 raise DialError("no answer")
@@ -174,6 +175,7 @@ class EntryLinks:
                 self.rejoins += 1
                 if self.on_rejoined is not None:
                     await self.on_rejoined()
+                await self.host.join_lookup()
         except Exception as e:
             now = self._clock()
             link.failures += 1

@@ -41,7 +41,10 @@ class ScriptedHost:
         self.disconnects += 1
         self.conn = False
 
-    async def bootstrap(self, addrs, *, timeout: float = 5.0) -> int:
+    async def join_lookup(self, *, timeout: float = 5.0) -> None:
+        return None
+
+    async def bootstrap(self, addrs, *, timeout: float = 5.0, lookup: bool = True) -> int:
         self.dials.append(trio.current_time())
         if not self.up:
             await trio.sleep(timeout)
