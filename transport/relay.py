@@ -86,9 +86,12 @@ class _PerIpReservations:
             await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS,
                                                          status=to_proto_status(StatusCode.RESOURCE_LIMIT_EXCEEDED)))
             return
+        # Counted before the answer goes out (upstream lingers 0.1 s after sending it): a
+        # second peer from the same IP right behind must already see this one.
+        self.ip_of[peer] = ip
         await self._inner(stream, msg)
-        if self.protocol.resource_manager.has_reservation(peer):
-            self.ip_of[peer] = ip
+        if not self.protocol.resource_manager.has_reservation(peer):
+            self.ip_of.pop(peer, None)
 
 
 class MeshRelay:

@@ -52,3 +52,22 @@ async def test_stream_through_a_relay_and_two_circuits_one_relay():
             await FrameWriter(s).write_frame({"x": "still"})
             assert (await FrameReader(s).read_frame())["echo"] == {"x": "still"}
             nursery.cancel_scope.cancel()
+
+
+async def test_relay_enforces_reservations_per_ip():
+    """py-libp2p declares a per-IP reservation limit but never checks it: ours refuses the
+    second reservation from 127.0.0.1 when the limit is 1, and still renews the first."""
+    with trio.fail_after(60):
+        async with open_mesh_host(Identity.generate()) as relay_host, open_mesh_host(Identity.generate()) as b, \
+                open_mesh_host(Identity.generate()) as c, trio.open_nursery() as nursery:
+            relay = MeshRelay(relay_host, hop=True, per_ip=1)
+            await nursery.start(relay.run)
+            clients = {}
+            for name, h in (("b", b), ("c", c)):
+                clients[name] = MeshRelay(h, hop=False)
+                await nursery.start(clients[name].run)
+                await h.connect(relay_host.peer_id, relay_host.listen_addrs)
+            assert await clients["b"].reserve(relay_host.peer_id)
+            assert await clients["c"].reserve(relay_host.peer_id) is None  # same IP, over the limit
+            assert await clients["b"].reserve(relay_host.peer_id)  # a renewal is not a new reservation
+            nursery.cancel_scope.cancel()
