@@ -105,3 +105,16 @@ def test_namespaces_removed_on_close(lab):
 
 def ns_list() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def test_unavailable_namespaces_skip_loudly(monkeypatch):
+    """Where namespaces can't be made the tests skip with the reason AND a warning, which
+    pytest's summary shows even without -rs."""
+    import pytest
+
+    from tests.support import netns
+
+    monkeypatch.setattr(netns, "unavailable_reason", lambda: "no namespaces in this sandbox")
+    with pytest.warns(UserWarning, match="SKIPPED: no namespaces in this sandbox"), \
+            pytest.raises(pytest.skip.Exception, match="no namespaces in this sandbox"):
+        netns.lab_or_skip()
