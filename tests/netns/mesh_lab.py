@@ -34,7 +34,8 @@ def start_entry(lab: NatLab, tmp: Path, name: str, ip: str, port: int, *bootstra
     proc = lab.spawn(ns, tmp, name, *args)
     info = wait_ready_sync(proc, 60)
     p2p = next(a for a in info["p2p_addrs"] if f"/{ip}/" in a)
-    return Entry(proc, ns, info["url"], info["peer_id"], f"{p2p}/p2p/{info['peer_id']}")
+    full = p2p if "/p2p/" in p2p else f"{p2p}/p2p/{info['peer_id']}"
+    return Entry(proc, ns, info["url"], info["peer_id"], full)
 
 
 def start_node(lab: NatLab, tmp: Path, name: str, home: Home | str, *bootstrap: str, advert_interval: float = 5.0,

@@ -95,7 +95,7 @@ def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
     wait_until(lambda: checked(natted) and checked(public), 30, "both nodes checked by a dial-back", context=ctx)
     st = checked(natted)
     assert st["reachability"]["state"] == "relayed" and st["reachability"]["direct_addrs"] == [], st
-    assert st["advertised_addrs"] == [f"{e1.p2p}/p2p-circuit"], st
+    assert st["advertised_addrs"] == [f"/ip4/{lab.pub_ip}/tcp/4001/p2p/{e1.peer_id}/p2p-circuit"], st
     assert st["reachability"]["observed"] == [f"/ip4/{home.wan_ip}"] and st["dht_server"] is False, st
     st = checked(public)
     direct = f"/ip4/{public_ip}/tcp/4100"
