@@ -12,6 +12,7 @@ from runtime.logs import add_logging_args
 _START_KEYS = ("http_host", "http_port", "listen_host", "p2p_port", "bootstrap", "identity", "state_dir", "keys_db",
                "open", "rpm", "tpm", "max_body_bytes", "first_token_timeout", "token_timeout", "sse_write_timeout",
                "queue_wait", "queue_max", "log_format", "log_level", "ledger", "verify_model", "verify_rate", "canary_interval", "routing_table")
+_NAT_KEYS = ("relay", "private_mesh")  # NAT traversal (transport/relay.py, transport/addrs.py)
 
 
 def add_parser(sub) -> None:
@@ -61,6 +62,12 @@ def add_parser(sub) -> None:
     s.add_argument("--routing-table", metavar="T.jsonl",
                    help="score table to fit the router for model \"auto\" on at start-up when STATE_DIR/routing has "
                    "no router or table of its own (written by `mesh entry benchmark`)")
+    s.add_argument("--no-relay", dest="relay", action="store_false", default=None,
+                   help="don't relay circuits for nodes nobody can dial (default: relay, within per-peer, per-IP, "
+                   "byte and duration limits)")
+    s.add_argument("--private-mesh", action="store_true", default=None,
+                   help="the whole mesh is on loopback/LAN addresses: dial and advertise private addresses (default: "
+                   "decided from --listen-host and --bootstrap)")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
     add_keys_parser(es)
@@ -86,7 +93,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from protocol.errors import IdentityError
     from runtime.daemon_start import run_daemon
 
-    return run_daemon(lambda: load_entry_config(args.config, {k: getattr(args, k) for k in _START_KEYS}), EntryDaemon,
+    return run_daemon(lambda: load_entry_config(args.config, {k: getattr(args, k) for k in _START_KEYS + _NAT_KEYS}), EntryDaemon,
                       (IdentityError, OSError, ModelFileError), "mesh.entry")
 
 

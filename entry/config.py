@@ -16,6 +16,8 @@ class EntryConfig:
     listen_host: str = "127.0.0.1"  # libp2p
     p2p_port: int = 0  # 0 = any free port
     bootstrap: list[str] = field(default_factory=list)
+    relay: bool = True  # circuit relay v2 hop for nodes nobody can dial (transport/relay.py)
+    private_mesh: bool | None = None  # None: decided from listen_host and bootstrap (transport/addrs.py)
     identity: str | None = None  # default STATE_DIR/entry.key
     state_dir: str | None = None  # default $MESH_HOME/entry
     keys_db: str | None = None  # default $MESH_HOME/entry/keys.db, where `mesh entry keys` writes

@@ -24,7 +24,9 @@ from protocol.identity import Identity
 from runtime import ready_file
 from runtime.errors import CliError
 from runtime.heap import freeze_startup_heap
+from transport.discovery import announce_entry_loop
 from transport.host import open_mesh_host
+from transport.reachability import DialbackService
 
 log = logging.getLogger("mesh.entry")
 
@@ -64,7 +66,7 @@ class EntryDaemon:
     async def _serve(self, identity, keys, backend_cfg, metrics, ledger, verifier, seeds) -> None:
         cfg = self.cfg
         async with open_mesh_host(identity, listen_host=cfg.listen_host, listen_port=cfg.p2p_port,
-                                  bootstrap=cfg.bootstrap) as host:
+                                  bootstrap=cfg.bootstrap, private=cfg.private_mesh) as host:
             async with open_mesh_backend(host, config=backend_cfg, on_generation_done=verifier.on_generation_done,
                                          metrics=metrics) as backend, \
                     open_providers(cfg.providers) as providers:
@@ -79,6 +81,14 @@ class EntryDaemon:
                                  metrics=metrics, max_body_bytes=cfg.max_body_bytes, ledger=ledger, seeds=seeds,
                                  sse_write_timeout=cfg.sse_write_timeout, auto=auto)
                 async with trio.open_nursery() as nursery:
+                    # Entries are public: nodes behind NAT find us here and keep a connection
+                    # open to us, the only way we can reach them (transport/links.py).
+                    nursery.start_soon(announce_entry_loop, host)
+                    DialbackService(host).register()
+                    if cfg.relay:
+                        from transport.relay import MeshRelay
+
+                        await nursery.start(MeshRelay(host, hop=True).run)
                     await nursery.start(verifier.run)
                     if verifier.models:
                         await nursery.start(CanaryProber(backend, verifier, CanaryConfig(interval=cfg.canary_interval)).run)

@@ -54,6 +54,14 @@ def add_parser(sub) -> None:
     s.add_argument("--console-entry", dest="console_entries", action="append", metavar="URL",
                    help="an entry's base URL whose signed credit statement the console shows next to this node's "
                    "receipts (repeatable), e.g. http://127.0.0.1:8000")
+    s.add_argument("--public-addr", action="append", metavar="MULTIADDR",
+                   help="an address peers can dial us at (a port forward; repeatable); advertised once an entry "
+                   "dialled it back over a new connection")
+    s.add_argument("--relay", action="store_true", default=None,
+                   help="relay circuits for peers nobody can dial (only useful on a public address)")
+    s.add_argument("--private-mesh", action="store_true", default=None,
+                   help="the whole mesh is on loopback/LAN addresses: dial and advertise private addresses (default: "
+                   "decided from --listen-host and --bootstrap)")
     add_logging_args(s)
     s.set_defaults(func=cmd_start, log_format=None, log_level=None)
 
@@ -68,7 +76,7 @@ def add_parser(sub) -> None:
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
                "log_format", "log_level", "synthetic", "synthetic_rate", "share_model", "share_rate", "console_port",
-               "console_entries")
+               "console_entries", "public_addr", "relay", "private_mesh")
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -117,5 +125,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"served   {s['requests_served']} requests, {s['tokens_served']} tokens ({s['requests_failed']} failed or cancelled)",
         f"listen   {', '.join(s['addrs'])}",
     ]
+    if "advertised_addrs" in s:
+        lines.append(f"advertise {', '.join(s['advertised_addrs']) or 'no address (not publicly reachable: entries use our connections)'}")
+    reach = s.get("reachability")
+    if reach:
+        lines.append(f"reach    {reach['state']} (checked by {reach['checked_by']} peers; seen as {', '.join(reach['observed']) or '?'})")
+    links = s.get("entry_links")
+    if links:
+        lines.append(f"entries  {links['connected']}/{links['entries']} connected (re-joined the mesh {links['rejoins']} times)")
     print("\n".join(lines))
     return 0

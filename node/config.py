@@ -23,6 +23,10 @@ class NodeConfig:
     listen_host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
     bootstrap: list[str] = field(default_factory=list)
+    # NAT traversal (transport/addrs.py, reachability.py, relay.py)
+    public_addr: list[str] = field(default_factory=list)  # claimed addresses (a port forward), checked by dial-back
+    relay: bool = False  # relay circuits for others (a public node that opts in)
+    private_mesh: bool | None = None  # None: decided from listen_host and bootstrap
     identity: str | None = None  # key file; default STATE_DIR/node.key
     state_dir: str | None = None  # default $MESH_HOME/node (control socket, pid file)
     drain_seconds: float = 30.0

@@ -37,6 +37,8 @@ log = logging.getLogger("mesh.node")
 # How long a stopping node waits for requesters to take the last frames of finished
 # generations (they close the stream after the final frame).
 FLUSH_WAIT_S = 5.0
+# How often a node re-checks that it is directly reachable (a dial-back from entries).
+REACH_INTERVAL_S = 600.0
 
 
 class NodeStartError(Exception):
@@ -91,6 +93,9 @@ class NodeDaemon:
         self._stopping = False
         self.share: ModelShare | None = None
         self.console = None  # node/console.py NodeConsole, with --console-port
+        self.links = None  # transport.links.EntryLinks once the host is up
+        self.reach = None  # transport.reachability.Reachability, likewise
+        self._reach_due = trio.Event()
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -128,7 +133,8 @@ class NodeDaemon:
         from transport.host import open_mesh_host
 
         async with open_mesh_host(self.identity, listen_host=cfg.listen_host, listen_port=cfg.port,
-                                  bootstrap=cfg.bootstrap) as host:
+                                  bootstrap=cfg.bootstrap, private=cfg.private_mesh,
+                                  announce_addrs=cfg.public_addr or None) as host:
             self.host = host
             host.set_stream_handler(INFER_PROTOCOL_ID, self.service.handle_stream)
             if self.share is not None:
@@ -143,6 +149,7 @@ class NodeDaemon:
                 nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                 await self._publish()
                 nursery.start_soon(self._advertise_loop)
+                await self._start_links(nursery)
                 freeze_startup_heap()
                 self._write_ready(host)
                 log.info("node ready", extra={"peer": self.identity.peer_id, "addrs": ",".join(host.listen_addrs),
@@ -172,6 +179,73 @@ class NodeDaemon:
                                 busy=lambda: self.service is not None and self.service.admission.active > 0)
         log.info("sharing the model file", extra={"chunks": manifest.chunks, "rate_mbps": self.cfg.share_rate})
 
+    # ---- staying reachable --------------------------------------------------------------------
+    async def _start_links(self, nursery: trio.Nursery) -> None:
+        """Keep connections to entries open, pinged and re-dialled (transport/links.py): behind
+        a home NAT they are the only way in."""
+        from transport.links import EntryLinks
+        from transport.reachability import Reachability
+
+        async def rejoined() -> None:
+            # Back after an outage: storers' copies of our advert may have lapsed meanwhile,
+            # and the new network may differ (another NAT, a port forward gone).
+            self._replicated_at = None
+            self._reach_due.set()
+            await self._publish()
+
+        from transport.relay import MeshRelay
+
+        self.links = EntryLinks(self.host, self.cfg.bootstrap, on_rejoined=rejoined)
+        self.reach = Reachability(self.host)
+        self.relay = MeshRelay(self.host, hop=self.cfg.relay)
+        self.host.relay = self.relay
+        await nursery.start(self.relay.run)
+        if not self.host.private_mesh:
+            self.host.reach = self.reach
+            # Nobody can dial us until a dial-back says otherwise: no DHT server role.
+            await self.host.set_dht_server(False)
+            nursery.start_soon(self._reach_loop)
+        await nursery.start(self.links.run)
+
+    async def _reach_loop(self) -> None:
+        """Ask connected entries to dial us back over a new connection (transport/
+        reachability.py) at start, after every re-join, and every REACH_INTERVAL_S."""
+        from transport.reachability import DIRECT
+
+        first = True
+        while not self._stopping:
+            with trio.move_on_after(5.0 if first else REACH_INTERVAL_S):
+                await self._reach_due.wait()
+            self._reach_due = trio.Event()
+            peers = [lk.peer_id for lk in self.links.connected()][:3] if self.links else []
+            if not peers:
+                continue
+            first = False
+            before = (self.reach.state, self.reach.advertised())
+            await self.reach.probe(peers)
+            await self.host.set_dht_server(self.reach.state == DIRECT)
+            await self._keep_relay_slot(peers)
+            if (self.reach.state, self.reach.advertised()) != before:
+                log.info("reachability", extra={"state": self.reach.state, "addrs": ",".join(self.reach.advertised())})
+                self._replicated_at = None
+                await self._publish()
+
+    async def _keep_relay_slot(self, peers: list[str]) -> None:
+        """Not directly reachable: hold a relay slot at a connected entry and advertise it.
+        Re-reserved on every check (after a re-join too): py-libp2p does not renew a
+        reservation after the connection to the relay was lost."""
+        from transport.reachability import DIRECT
+
+        if self.reach.state == DIRECT:
+            self.reach.relayed = []
+            return
+        for peer in peers:
+            addr = await self.relay.reserve(peer)
+            if addr:
+                self.reach.relayed = [addr]
+                return
+        self.reach.relayed = []
+
     # ---- advertising ------------------------------------------------------------------------
     def _advert(self, draining: bool = False) -> CapacityAdvert:
         self._seq += 1
@@ -183,7 +257,7 @@ class NodeDaemon:
             quantization=self.info.quantization, context_size=svc.context_size,
             prefill_tps=float(self.stats.prefill_tps), decode_tps=float(self.stats.decode_tps),
             total_slots=svc.admission.total, free_slots=0 if draining else svc.admission.free,
-            seq=self._seq, issued_at=now, expires_at=now + ttl, addrs=list(self.host.listen_addrs)[:16],
+            seq=self._seq, issued_at=now, expires_at=now + ttl, addrs=list(self.host.advertised_addrs)[:16],
             manifest_root=self.share.manifest.root if self.share is not None else "",
         )
 
@@ -254,6 +328,10 @@ class NodeDaemon:
             "ok": True,
             "peer_id": self.identity.peer_id,
             "addrs": list(self.host.listen_addrs) if self.host else [],
+            "advertised_addrs": list(self.host.advertised_addrs) if self.host else [],
+            "entry_links": self.links.summary() if self.links else None,
+            "reachability": self.reach.summary() if self.reach else None,
+            "dht_server": self.host.dht_server if self.host else None,
             "model": {"name": self.model_id, "sha256": info.sha256, "quantization": info.quantization,
                       "architecture": info.architecture, "path": str(info.path), "context_size": svc.context_size},
             "slots": a.total, "active": a.active, "queued": a.queued, "queue_limit": a.queue_limit,

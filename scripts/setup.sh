@@ -12,7 +12,8 @@ step() { printf '==> %s\n' "$*"; }
 # System packages: fastecdsa (pulled by libp2p) compiles against GMP; llama-cpp-python needs
 # a C/C++ toolchain and cmake; the web chat's browser test drives Debian's Chromium.
 missing=()
-for p in libgmp-dev build-essential cmake chromium chromium-driver; do
+# iproute2, nftables and conntrack build the home-NAT test networks (tests/support/netns.py).
+for p in libgmp-dev build-essential cmake chromium chromium-driver iproute2 nftables conntrack; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 # Debian's python3 ships venv and the C headers separately; pyenv-style Pythons have both.

@@ -5,7 +5,9 @@ Three kinds of DHT entries:
   48 h by whoever stores them, so they say nothing about liveness);
 - provider records under `directory_key()`: "this peer serves some model", so an entry can
   list every model without knowing its digest first (same caveats as above);
-- a signed CapacityAdvert under `advert_key(peer_id)`: liveness and capacity, short expiry.
+- a signed CapacityAdvert under `advert_key(peer_id)`: liveness and capacity, short expiry;
+- provider records under `entry_key()`: "this peer is an entry" (public by definition), so a
+  node can keep connections to entries it was never told of (transport/links.py).
 
 Every storer and every reader runs `AdvertValidator`, so a forged, mismatched or expired
 advert is refused when stored and dropped when fetched.
@@ -25,6 +27,7 @@ ADVERT_NAMESPACE = "mesh-advert"
 _ADVERT_PREFIX = f"/{ADVERT_NAMESPACE}/"
 _MODEL_KEY_DOMAIN = b"mesh-model-v1\x00"
 _DIRECTORY_KEY_DOMAIN = b"mesh-directory-v1\x00"
+_ENTRY_KEY_DOMAIN = b"mesh-entries-v1\x00"
 _SHA256_MULTIHASH_PREFIX = "1220"  # multihash: code 0x12 (sha2-256), length 0x20
 
 
@@ -55,6 +58,12 @@ def directory_key() -> str:
     all nodes (and so all models) with one provider lookup. Its own domain tag keeps it
     apart from every model key; same hex-multihash form as model_key()."""
     return _SHA256_MULTIHASH_PREFIX + hashlib.sha256(_DIRECTORY_KEY_DOMAIN).hexdigest()
+
+
+def entry_key() -> str:
+    """The key every entry provide()s: how nodes find entries beyond their bootstrap peers.
+    Same hex-multihash form as model_key()."""
+    return _SHA256_MULTIHASH_PREFIX + hashlib.sha256(_ENTRY_KEY_DOMAIN).hexdigest()
 
 
 def advert_key(peer_id: str) -> str:

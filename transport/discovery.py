@@ -20,7 +20,7 @@ import trio
 from protocol.errors import RecordError
 from protocol.identity import Identity
 from protocol.records import AdvertBook, CapacityAdvert
-from transport.dht_keys import advert_key, directory_key, model_key
+from transport.dht_keys import advert_key, directory_key, entry_key, model_key
 from transport.host import MeshHost, PeerAddrs
 
 log = logging.getLogger("mesh.discovery")
@@ -151,3 +151,19 @@ async def _verified_adverts(
                 nursery.start_soon(check, p)
     order = {p.peer_id: i for i, p in enumerate(providers)}
     return sorted(found.values(), key=lambda a: order.get(a.node, 0))
+
+
+async def announce_entry_loop(host: MeshHost, *, interval: float = REPROVIDE_INTERVAL_S) -> None:
+    """An entry's standing announcement (runs until cancelled): entries are public by
+    definition, and nodes keep connections to the ones they find here (transport/links.py)."""
+    while True:
+        try:
+            await host.provide(entry_key(), min_interval=interval)
+        except Exception as e:  # a failed provide is retried next time round
+            log.debug("entry announcement failed: %s", e)
+        await trio.sleep(interval)
+
+
+async def find_entries(host: MeshHost, *, timeout: float = 10.0, count: int = 50) -> list[PeerAddrs]:
+    """Entries announced in the DHT, with the addresses their provider records name."""
+    return await host.find_providers(entry_key(), count=count, timeout=timeout)

@@ -39,9 +39,12 @@ from multiaddr import Multiaddr
 
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
+from transport.addrs import is_private, private_mesh
 from transport.dht_keys import ADVERT_NAMESPACE, AdvertValidator
 from transport.patches import (
+    DialPublicOnly,
     ForgetDisconnectedPeers,
+    PeerEvents,
     apply_global_workarounds,
     no_auto_connect,
     no_republish,
@@ -211,12 +214,22 @@ def _split_p2p_addr(addr: str) -> tuple[str, list[str]]:
 class MeshHost:
     """What node and entry use; built by open_mesh_host()."""
 
-    def __init__(self, host, dht: KadDHT, identity: Identity):
+    def __init__(self, host, dht: KadDHT, identity: Identity, *, private: bool = True):
         self._host = host
         self._dht = dht
         self._swarm = host.get_network()
         self._id = host.get_id()
         self.identity = identity
+        # A mesh on loopback/LAN only (transport/addrs.py): private addresses are dialled and
+        # advertised. In a public mesh they are neither.
+        self.private_mesh = private
+        # Set by whoever checks reachability (transport/reachability.py): in a public mesh,
+        # only the addresses it confirmed are advertised.
+        self.reach = None
+        # transport.relay.MeshRelay, when this host runs one: /p2p-circuit addresses are
+        # dialled through it (py-libp2p's swarm never dials them itself).
+        self.relay = None
+        self._connect_listeners: list[Callable[[str], None]] = []
         self._provide_limiter = _SlidingWindowLimiter(PROVIDE_MAX_PER_WINDOW, PROVIDE_WINDOW_S)
         self._last_provided: dict[bytes, float] = {}
         self._value_listeners: list[Callable[[str, bytes], None]] = []
@@ -250,7 +263,104 @@ class MeshHost:
 
     @property
     def listen_addrs(self) -> list[str]:
-        return [str(a) for a in self._host.get_addrs()]
+        """Where we listen (or what announce_addrs said), dialable or not."""
+        return [str(a) for a in self._upstream_get_addrs()]
+
+    def _upstream_get_addrs(self):
+        return getattr(self._host, "_mesh_all_addrs", self._host.get_addrs)()
+
+    @property
+    def advertised_addrs(self) -> list[str]:
+        """What we tell others (adverts, identify, DHT peer records): in a public mesh, never
+        a wildcard, loopback or private address (transport/addrs.py)."""
+        addrs = self.listen_addrs
+        if self.private_mesh:
+            return addrs
+        if self.reach is not None:
+            return list(self.reach.advertised())
+        return [a for a in addrs if not is_private(a)]
+
+    async def set_dht_server(self, server: bool) -> None:
+        """A host nobody can dial must not be a DHT server: peers would be handed its
+        addresses in every lookup answer and time out on it (a DHT client stores nothing for
+        others and is left out of their routing tables)."""
+        mode = DHTMode.SERVER if server else DHTMode.CLIENT
+        if self._dht.mode == mode:
+            return
+        # Not KadDHT.switch_mode(): switching to client it also empties the routing table
+        # (cleanup_routing_table), and a client needs its table to find the peers it stores
+        # at. The mode is only whether we answer the KAD protocol.
+        from libp2p.kad_dht.kad_dht import PROTOCOL_ID as KAD_PROTOCOL_ID
+
+        if server:
+            self._host.set_stream_handler(KAD_PROTOCOL_ID, self._dht.handle_stream)
+        else:
+            self._host.remove_stream_handler(KAD_PROTOCOL_ID)
+        self._dht.mode = mode
+        log.info("DHT mode", extra={"mode": mode.name.lower()})
+
+    @property
+    def dht_server(self) -> bool:
+        return self._dht.mode == DHTMode.SERVER
+
+    def on_peer_connected(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(peer_id)` whenever a connection to a peer opens (either side
+        dialled). Lets an entry use a NAT'd node's connection the moment it arrives."""
+        self._connect_listeners.append(listener)
+
+    def _peer_connected(self, peer_id: str) -> None:
+        try:
+            # A dial that failed moments ago (a NAT'd peer: nothing to dial) must not keep
+            # the peer in the negative cache now that it reached us.
+            self._swarm.unblock_peer(ID.from_base58(peer_id))
+        except Exception:
+            pass
+        for fn in list(self._connect_listeners):
+            try:
+                fn(peer_id)
+            except Exception:
+                log.exception("connect listener failed")
+
+    def is_connected(self, peer_id: str) -> bool:
+        try:
+            conns = self._swarm.get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return False
+        return any(not getattr(c, "is_closed", False) for c in conns)
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to the peer (one that stopped answering is dead: a router
+        that forgot its NAT mapping drops its packets without telling either side)."""
+        with trio.move_on_after(2.0):
+            try:
+                await self._swarm.close_peer(ID.from_base58(peer_id))
+            except Exception:
+                log.debug("closing connections to %s failed", peer_id, exc_info=True)
+
+    async def ping(self, peer_id: str, *, timeout: float = 5.0) -> float:
+        """One libp2p ping (/ipfs/ping/1.0.0) over the existing connection (a new one is
+        dialled if there is none); the round trip in seconds. Raises DialError."""
+        from libp2p.host.ping import ID as PING_ID
+        from libp2p.host.ping import perform_ping_roundtrip
+
+        t0 = time.monotonic()
+        with trio.move_on_after(timeout):
+            try:
+                raw = await self._host.new_stream(ID.from_base58(peer_id), [PING_ID])
+            except _STREAM_ERRORS as e:
+                raise DialError(f"ping {peer_id}: {e}") from None
+            try:
+                await perform_ping_roundtrip(raw)
+                return time.monotonic() - t0
+            except (*_STREAM_ERRORS, ValueError, trio.TooSlowError) as e:
+                raise DialError(f"ping {peer_id}: {type(e).__name__}") from None
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    try:
+                        await raw.reset()
+                    except Exception:
+                        pass
+        raise DialError(f"ping {peer_id}: no answer in {timeout}s")
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_connected_peers()]
@@ -314,22 +424,50 @@ class MeshHost:
     def remove_stream_handler(self, protocol_id: str) -> None:
         self._host.remove_stream_handler(TProtocol(protocol_id))
 
+    async def _via_relay(self, peer_id: str, addrs: Iterable[str] | None, timeout: float) -> bool:
+        """No connection yet and only relayed addresses (or direct ones that failed): a
+        circuit through the first relay that takes us there. True once connected."""
+        relayed = [a for a in (addrs or []) if "/p2p-circuit" in a]
+        if self.relay is None or not relayed or self.is_connected(peer_id):
+            return False
+        for a in relayed:
+            with trio.move_on_after(timeout):
+                try:
+                    await self.relay.dial(peer_id, a)
+                    return True
+                except Exception as e:
+                    log.debug("relayed dial to %s via %s failed: %s", peer_id, a, e)
+        return False
+
     async def connect(self, peer_id: str, addrs: Iterable[str] | None = None, *, timeout: float = DIAL_TIMEOUT_S) -> None:
-        if addrs:
-            self.learn_addrs(peer_id, addrs)
+        addrs = list(addrs or [])
+        direct = [a for a in addrs if "/p2p-circuit" not in a]
+        if direct:
+            self.learn_addrs(peer_id, direct)
+        elif addrs and not self.is_connected(peer_id):
+            if await self._via_relay(peer_id, addrs, timeout):
+                return
+            raise DialError(f"cannot connect to {peer_id} through a relay")
         pid = ID.from_base58(peer_id)
         with trio.move_on_after(timeout) as scope:
             try:
                 await self._swarm.dial_peer(pid)
             except _STREAM_ERRORS as e:
+                if await self._via_relay(peer_id, addrs, timeout):
+                    return
                 raise DialError(f"cannot connect to {peer_id}: {e}") from None
         if scope.cancelled_caught:
+            if await self._via_relay(peer_id, addrs, timeout):
+                return
             raise DialError(f"connecting to {peer_id} timed out after {timeout}s")
 
     async def open_stream(
         self, peer_id: str, protocol_id: str, addrs: Iterable[str] | None = None, *, timeout: float = DIAL_TIMEOUT_S
     ) -> MeshStream:
-        if addrs:
+        addrs = list(addrs or [])
+        if any("/p2p-circuit" in a for a in addrs) and not self.is_connected(peer_id):
+            await self.connect(peer_id, addrs, timeout=timeout)  # direct first, then the relay
+        elif addrs:
             self.learn_addrs(peer_id, addrs)
         pid = ID.from_base58(peer_id)
         with trio.move_on_after(timeout):
@@ -445,13 +583,9 @@ class MeshHost:
         deadline = trio.current_time() + timeout
         lookup_key = self._value_lookup_key(kb)
         cached = self._storers.get(lookup_key)
-        if cached is not None and time.monotonic() - cached[0] < STORERS_REUSE_S:
-            peers = cached[1]
-        else:
-            peers = await self._closest_peers(lookup_key, trio.current_time() + timeout / 2)
-            self._storers[lookup_key] = (time.monotonic(), peers)
         stored = 0
         limiter = trio.CapacityLimiter(10)
+        started: set[ID] = set()
 
         async def store(peer: ID) -> None:
             nonlocal stored
@@ -462,11 +596,27 @@ class MeshHost:
                 except Exception:
                     log.debug("PUT_VALUE to %s failed", peer, exc_info=True)
 
+        def store_at(nursery: trio.Nursery, peers: Iterable[ID]) -> None:
+            for p in peers:
+                if p not in started and p != self._id:
+                    started.add(p)
+                    nursery.start_soon(store, p)
+
         with trio.move_on_at(deadline):
             async with trio.open_nursery() as nursery:
-                for p in peers:
-                    nursery.start_soon(store, p)
-        if stored < (len(peers) + 1) // 2:
+                if cached is not None and time.monotonic() - cached[0] < STORERS_REUSE_S:
+                    store_at(nursery, cached[1])
+                else:
+                    # The peers we know are stored at right away, while the lookup runs: one
+                    # black-holed peer in the lookup (a frozen or unplugged host) used to hold
+                    # every store back until the caller's deadline, so storers kept an advert
+                    # that expired meanwhile and the node dropped out of discovery.
+                    store_at(nursery, self._dht.routing_table.find_local_closest_peers(lookup_key, 20))
+                    store_at(nursery, self._host.get_connected_peers())
+                    peers = await self._closest_peers(lookup_key, trio.current_time() + timeout / 2)
+                    self._storers[lookup_key] = (time.monotonic(), peers)
+                    store_at(nursery, peers)
+        if stored < (len(started) + 1) // 2:
             self._storers.pop(lookup_key, None)  # many are gone: look them up afresh next time
         return stored
 
@@ -537,8 +687,9 @@ class MeshHost:
                 return value
         return None
 
-    async def bootstrap(self, addrs: Iterable[str], *, timeout: float = DIAL_TIMEOUT_S) -> int:
-        """Connect to bootstrap peers and join the DHT; returns how many answered."""
+    async def bootstrap(self, addrs: Iterable[str], *, timeout: float = DIAL_TIMEOUT_S, lookup: bool = True) -> int:
+        """Connect to bootstrap peers and join the DHT; returns how many answered.
+        lookup=False skips the join lookup (the caller runs join_lookup() when it suits it)."""
         joined = 0
         for addr in addrs:
             try:
@@ -550,12 +701,18 @@ class MeshHost:
                 joined += 1
             except Exception as e:  # a bad or dead bootstrap entry must not stop the others
                 log.warning("bootstrap peer %s unreachable: %s", addr, e)
-        if joined:
-            # Kademlia join: a lookup of our own id introduces us to the peers near us and
-            # fills our routing table.
-            with trio.move_on_after(timeout):
-                await self._dht.peer_routing.find_closest_peers_network(self._id.to_bytes())
+        if joined and lookup:
+            await self.join_lookup(timeout=timeout)
         return joined
+
+    async def join_lookup(self, *, timeout: float = DIAL_TIMEOUT_S) -> None:
+        """Kademlia join: a lookup of our own id introduces us to the peers near us and fills
+        our routing table."""
+        with trio.move_on_after(timeout):
+            try:
+                await self._dht.peer_routing.find_closest_peers_network(self._id.to_bytes())
+            except Exception:
+                log.debug("join lookup failed", exc_info=True)
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
@@ -624,6 +781,7 @@ async def open_mesh_host(
     *,
     dht_server: bool = True,
     announce_addrs: Iterable[str] | None = None,
+    private: bool | None = None,
 ) -> AsyncIterator[MeshHost]:
     """Start a libp2p host + Kademlia DHT; closes listener and connections on exit.
 
@@ -632,9 +790,15 @@ async def open_mesh_host(
     are logged and skipped. dht_server=False (a DHT client: stores nothing for others) suits
     an entry node. announce_addrs replaces the advertised addresses (listening on 0.0.0.0,
     or behind a port forward), since a wildcard listen address is not dialable.
+    private: is this a loopback/LAN-only mesh (transport/addrs.py)? None decides from the
+    listen host and the bootstrap addresses; a public mesh neither dials nor advertises
+    private addresses.
     Exceptions raised by the caller's block come out unwrapped, after the host has closed.
     """
     apply_global_workarounds()
+    bootstrap = list(bootstrap)
+    if private is None:
+        private = private_mesh(listen_host, bootstrap)
     key_pair = identity.libp2p_keypair()
     maddr = _listen_multiaddr(listen_host, listen_port)
     # Noise only: a default new_host() also offers plaintext, TLS and secio, and accepts a
@@ -659,7 +823,14 @@ async def open_mesh_host(
     dht.value_store._republish_records = no_republish
     dht.provider_store._republish_provider_records = no_republish
     swarm.register_notifee(ForgetDisconnectedPeers(dht))
-    mesh = MeshHost(host, dht, identity)
+    mesh = MeshHost(host, dht, identity, private=private)
+    swarm.register_notifee(PeerEvents(on_connected=lambda pid: mesh._peer_connected(pid.to_base58())))
+    if not private:
+        swarm.connection_gate = DialPublicOnly(swarm.connection_gate)
+        # identify and the DHT's signed peer records send host.get_addrs(): only the
+        # dialable ones (the upstream method stays reachable for listen_addrs).
+        host._mesh_all_addrs = host.get_addrs
+        host.get_addrs = lambda: [Multiaddr(a) for a in mesh.advertised_addrs]
     _tap_stored_values(dht, mesh)
     # Raised only after the host's nurseries have closed: raised inside them, trio would
     # hand the caller an ExceptionGroup nested three deep instead of the error itself.
@@ -677,7 +848,7 @@ async def open_mesh_host(
                 else:
                     async with background_trio_service(dht):
                         if bootstrap:
-                            await mesh.bootstrap(list(bootstrap))
+                            await mesh.bootstrap(bootstrap)
                         try:
                             yield mesh
                         except Exception as e:  # the caller's error; Cancelled etc. pass through

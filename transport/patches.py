@@ -7,6 +7,7 @@ tests/transport/test_patches.py; docs/ARCHITECTURE.md lists the sharp edges they
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import socket
 from collections import OrderedDict
@@ -154,7 +155,10 @@ async def _handle_inbound_until_closed(self, read_write_closer, maddr, failure_e
     transports (QUIC), security and muxer upgrade, cleanup and metrics on failure.
     """
     remote_maddr = self._build_remote_multiaddr(read_write_closer)
-    if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
+    gate = self.connection_gate
+    # DialPublicOnly filters what we dial, not who may connect to us.
+    allowed = getattr(gate, "is_allowed_inbound", gate.is_allowed)
+    if remote_maddr is not None and not await allowed(remote_maddr):
         try:
             await read_write_closer.close()
             failure_event.conn_incoming_error = True
@@ -414,8 +418,115 @@ class ForgetDisconnectedPeers(INotifee):
         return None
 
 
+class DialPublicOnly:
+    """A connection gate for a host in a public mesh (transport/addrs.py): py-libp2p dials
+    every address it learnt for a peer (identify, DHT peer records, provider records), and a
+    NAT'd peer's 0.0.0.0 / 192.168.x.y addresses cost a dial timeout each, or reach the wrong
+    host on our own LAN. Swarm.dial_peer asks the gate about every address before dialling;
+    private ones are refused here, so a peer that has nothing else fails at once ("blocked by
+    connection gate") and is reached over the connection it opened to us. Inbound connections
+    are judged by the wrapped gate alone (our _handle_inbound_until_closed asks
+    is_allowed_inbound)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    async def is_allowed(self, remote_addr) -> bool:
+        from transport.addrs import is_private
+
+        if is_private(remote_addr):
+            return False
+        return await self._inner.is_allowed(remote_addr)
+
+    async def is_allowed_inbound(self, remote_addr) -> bool:
+        return await self._inner.is_allowed(remote_addr)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class PeerEvents(INotifee):
+    """Calls on_connected(peer ID) for every new connection, whoever dialled."""
+
+    def __init__(self, on_connected):
+        self._on_connected = on_connected
+
+    async def connected(self, network, conn) -> None:
+        try:
+            self._on_connected(conn.muxed_conn.peer_id)
+        except Exception:
+            log.debug("connect listener failed", exc_info=True)
+
+    async def disconnected(self, network, conn) -> None:
+        return None
+
+    async def opened_stream(self, network, stream) -> None:
+        return None
+
+    async def closed_stream(self, network, stream) -> None:
+        return None
+
+    async def listen(self, network, multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network, multiaddr) -> None:
+        return None
+
+
 async def no_auto_connect() -> None:
     # The auto-connector dials peerstore entries until it holds ~200 connections. Our mesh
     # connects on purpose (bootstrap, DHT lookups, chosen nodes); background dials to every
     # peer a lookup ever mentioned only burn CPU and sockets.
     return None
+
+
+# -- circuit relay v2 ---------------------------------------------------------------------------
+
+_CIRCUIT = contextvars.ContextVar("mesh_relay_circuit", default=None)
+
+
+class _CircuitStreams(dict):
+    """CircuitV2Protocol._active_relays, keyed the way upstream keys it (by peer) but with
+    the lookup its _relay_data cleanup does answered from the circuit that task relays.
+
+    Upstream (py-libp2p 0.8.1) stores `_active_relays[source peer] = (stream, None)` and
+    `_active_relays[destination peer] = (stream, dst)`, and when either direction of a circuit
+    ends it closes the streams found under its own peer key. Two circuits from one source
+    through one relay share that key, so ending one closed the other's source stream: a
+    requester's circuit to node B died when its circuit to node C ended. Inside a relay task
+    (see _relay_data_own_circuit) the cleanup now sees exactly its own two streams; the
+    relay's shutdown still closes everything stored."""
+
+    def __contains__(self, key) -> bool:
+        return _CIRCUIT.get() is not None or super().__contains__(key)
+
+    def __getitem__(self, key):
+        own = _CIRCUIT.get()
+        return own if own is not None else super().__getitem__(key)
+
+    def __delitem__(self, key) -> None:
+        if _CIRCUIT.get() is None:
+            super().__delitem__(key)
+
+
+def _relay_data_own_circuit(original):
+    async def _relay_data(self, src_stream, dst_stream, peer_id, *args, **kwargs):
+        # Each direction runs in its own task: the context variable is that task's alone.
+        _CIRCUIT.set((src_stream, dst_stream))
+        return await original(self, src_stream, dst_stream, peer_id, *args, **kwargs)
+
+    _relay_data._mesh_own_circuit = True
+    return _relay_data
+
+
+def apply_relay_workarounds() -> None:
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+
+    if not getattr(CircuitV2Protocol._relay_data, "_mesh_own_circuit", False):
+        CircuitV2Protocol._relay_data = _relay_data_own_circuit(CircuitV2Protocol._relay_data)
+
+
+def fix_circuit_bookkeeping(protocol) -> None:
+    """Per relay instance (its dict is made in __init__)."""
+    if not isinstance(protocol._active_relays, _CircuitStreams):
+        protocol._active_relays = _CircuitStreams(protocol._active_relays)

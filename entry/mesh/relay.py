@@ -501,6 +501,7 @@ class MeshBackend:
                 "quantization": n.advert.quantization,
                 "context_size": n.advert.context_size,
                 "state": n.state(now),
+                "reachability": n.reachability(getattr(self.host, "private_mesh", True)),
                 "slots": n.total_slots,
                 "free_slots": n.free_slots(),
                 "queued": st.queued if st else 0,

@@ -9,6 +9,12 @@ a node pushes when it starts draining. So a node leaves routing
 - after `status_timeout` when it stops answering (hung, SIGSTOP, network black hole),
 - when its last advert expires (it stopped refreshing, whatever the stream says).
 
+Nodes behind a home NAT can't be dialled at all: they keep a connection open to each entry
+(transport/links.py), and the view starts a node's status stream the moment its connection
+arrives (`_peer_connected`) instead of waiting out a dial cooldown. A status stream that stops
+answering, followed by a failed ping, closes the node's connections: they are dead (a router
+forgot its NAT mapping), and the node's next connection must not share the peer with a dead one.
+
 Addresses: a node's advert names addresses, but the entry never dials them: a signed advert
 proves who signed it, not that the addresses are the signer's, and dialling them would let
 any identity make the entry connect to any host:port (a port scan or a reflection through the
@@ -112,6 +118,7 @@ class NodeState:
     observed_tps: float | None = None  # decode speed we measured on our own requests
     in_flight: int = 0  # our requests running there now
     connected: bool = False  # status stream open and answering
+    unreachable: bool = False  # our last dial failed: we wait for its connection to us
     leaving: bool = False
     present: bool = True  # holds an unexpired advert
     failures: int = 0  # consecutive; drives the cooldown
@@ -160,6 +167,19 @@ class NodeState:
         if self.status and self.status.decode_tps:
             return self.status.decode_tps
         return self.advert.decode_tps
+
+    def reachability(self, private_mesh: bool = False) -> str:
+        """How peers can reach this node, by its signed advert: "direct" (an address a
+        dial-back confirmed; any address in a private mesh), "relayed" (only through a circuit
+        relay), "unreachable-direct" (no address at all: only over its own connections)."""
+        from transport.addrs import is_private, is_relayed
+
+        addrs = self.advert.addrs
+        if any(not is_relayed(a) and (private_mesh or not is_private(a)) for a in addrs):
+            return "direct"
+        if any(is_relayed(a) for a in addrs):
+            return "relayed"
+        return "unreachable-direct"
 
     def live(self) -> bool:
         """Serving, as far as we can tell (counted in /v1/models)."""
@@ -254,9 +274,10 @@ class NodeState:
 class _Lost(Exception):
     """The status stream to a node ended; `blame` says whether that counts against it."""
 
-    def __init__(self, reason: str, blame: bool = True):
+    def __init__(self, reason: str, blame: bool = True, dead_link: bool = False):
         super().__init__(reason)
         self.blame = blame
+        self.dead_link = dead_link  # no answer at all: the connection is presumed dead
 
 
 class MeshView:
@@ -394,6 +415,8 @@ class MeshView:
             # key) are seen at once: a new node is routable well before the next round.
             if hasattr(self.host, "on_value_stored"):
                 self.host.on_value_stored(self._value_stored)
+            if hasattr(self.host, "on_peer_connected"):
+                self.host.on_peer_connected(self._peer_connected)
             await self.refresh()
             task_status.started()
             while True:
@@ -452,6 +475,31 @@ class MeshView:
             self._watchers[adv.node] = scope
             self._nursery.start_soon(self._watch, node, scope)
 
+    def _peer_connected(self, peer_id: str) -> None:
+        """A connection to `peer_id` opened. A node we could not dial (NAT) has just reached
+        us: watch it now over that connection, not after its dial cooldown."""
+        node = self._nodes.get(peer_id)
+        if node is None or not node.present or peer_id in self._watchers or self._nursery is None:
+            return
+        left = self._left_at.get(peer_id)
+        if left is not None and time.monotonic() - left < LEFT_COOLDOWN_S:
+            return
+        if node.unreachable:
+            node.cooldown_until = 0.0
+        if time.monotonic() >= node.cooldown_until:
+            scope = trio.CancelScope()
+            self._watchers[peer_id] = scope
+            self._nursery.start_soon(self._watch, node, scope)
+
+    async def _check_link(self, peer_id: str) -> None:
+        """Status went unanswered: if a ping over the same connection fails too, the link is
+        dead (a slow or hung node still answers pings, and its generations keep running)."""
+        try:
+            await self.host.ping(peer_id, timeout=self.status_timeout + 2.0)
+        except DialError:
+            log.info("connection to node dead: closing it", extra={"node": self.pseudonym(peer_id)})
+            await self.host.disconnect(peer_id)
+
     def _still_answering(self, node: NodeState, now: float) -> bool:
         """Its advert ran out but its status stream answered lately: it is alive (see
         ADVERT_GRACE_S)."""
@@ -480,7 +528,9 @@ class MeshView:
                     # No advert addresses (module doc).
                     stream = await self.host.open_stream(node.peer_id, INFER_PROTOCOL_ID, timeout=self.dial_timeout)
                 except DialError:
+                    node.unreachable = True
                     raise _Lost("unreachable") from None
+                node.unreachable = False
                 node.leaving = False  # a fresh stream: whatever it says now is what counts
                 try:
                     await self._converse(node, stream)
@@ -502,6 +552,8 @@ class MeshView:
                     self._left_at[node.peer_id] = time.monotonic()
                     log.info("node left", extra={"node": node.pseudonym})
                 else:
+                    if lost.dead_link and hasattr(self.host, "ping") and self._nursery is not None:
+                        self._nursery.start_soon(self._check_link, node.peer_id)
                     node.penalize(time.monotonic(), PENALTY_DISCONNECT)
                     # Fetch its advert afresh next round: it may have restarted elsewhere.
                     self._book.forget(node.peer_id)
@@ -516,7 +568,7 @@ class MeshView:
         async def ask() -> None:
             while True:
                 if sent and time.monotonic() - sent[0] > self.status_timeout:
-                    raise _Lost(f"no status answer in {self.status_timeout:.1f}s")
+                    raise _Lost(f"no status answer in {self.status_timeout:.1f}s", dead_link=True)
                 if not sent:
                     node.in_flight_peak = node.in_flight  # a new window for the answer
                 sent.append(time.monotonic())

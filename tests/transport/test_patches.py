@@ -593,3 +593,53 @@ async def test_stream_reads_served_from_buffer_keep_bytes_and_order():
             while len(got) < len(payloads):
                 await trio.sleep(0.01)
         assert got == payloads
+
+
+async def test_public_mesh_never_dials_private_addresses_but_serves_their_connections():
+    """A public mesh's host (private=False) refuses to dial a private address (a NAT'd peer's
+    192.168.x.y or 0.0.0.0: a timeout each, or the wrong host on our LAN), fails at once
+    instead, and still opens streams over a connection such a peer made to us. Control: the
+    same dial from a private-mesh host works."""
+    async with open_mesh_host(Identity.generate(), private=False) as public, \
+            open_mesh_host(Identity.generate()) as home:
+        home.set_stream_handler(ECHO, echo)
+        assert public.advertised_addrs == []  # 127.0.0.1 is nobody's to dial in a public mesh
+        assert [str(a) for a in public._host.get_addrs()] == []  # nor in identify / peer records
+        t0 = time.monotonic()
+        with pytest.raises(DialError):
+            await round_trip(public, home.peer_id, home.listen_addrs)
+        assert time.monotonic() - t0 < 1.0
+        connected: list[str] = []
+        public.on_peer_connected(connected.append)
+        await home.connect(public.peer_id, public.listen_addrs)  # inbound: allowed
+        with trio.fail_after(5):
+            while home.peer_id not in connected:
+                await trio.sleep(0.01)
+        assert (await round_trip(public, home.peer_id))["echo"] == {"x": 1}  # over home's connection
+        assert await public.ping(home.peer_id) < 2.0
+        await public.disconnect(home.peer_id)
+        assert not public.is_connected(home.peer_id)
+    async with open_mesh_host(Identity.generate()) as private, open_mesh_host(Identity.generate()) as home:
+        home.set_stream_handler(ECHO, echo)
+        assert (await round_trip(private, home.peer_id, home.listen_addrs))["echo"] == {"x": 1}
+
+
+async def test_black_holed_dht_peer_does_not_hold_back_an_advert_put():
+    """A DHT peer that accepts KAD streams and never answers (frozen, unplugged) must not keep
+    an advert from the storer that does answer: the caller's short deadline (a node's advert
+    refresh) used to expire inside the lookup, before any store was sent."""
+    from libp2p.kad_dht.kad_dht import PROTOCOL_ID as KAD_PROTOCOL_ID
+
+    me = Identity.generate()
+    async with open_mesh_host(Identity.generate()) as storer, open_mesh_host(Identity.generate()) as hole:
+        async def never_answer(stream) -> None:
+            await trio.sleep(60)
+
+        hole._host.set_stream_handler(KAD_PROTOCOL_ID, never_answer)
+        async with open_mesh_host(me, bootstrap=[f"{a}" for a in storer.listen_addrs]) as node:
+            await node.bootstrap(hole.listen_addrs, timeout=1.0)
+            got: list[str] = []
+            storer.on_value_stored(lambda k, v: got.append(k))
+            with trio.move_on_after(2.0):  # what a node's refresh allows; the put's own timeout is 10 s
+                await node.put_value(advert_key(me.peer_id), make_advert(me, node, 1), timeout=10.0)
+            assert got == [advert_key(me.peer_id)]

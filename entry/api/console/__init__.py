@@ -42,11 +42,11 @@ def _sum(metric) -> float:
 
 
 def path_of(node: dict) -> str:
-    """How the entry reaches a node. Nodes are all reached directly until the mesh can relay
-    through other peers; a node view that says `relayed` (or gives a `path`) is shown as such."""
-    if isinstance(node.get("path"), str):
-        return node["path"]
-    return "relayed" if node.get("relayed") else "direct"
+    """How peers reach a node, from the node view's `reachability` (entry/mesh/view.py):
+    direct, relayed, or unreachable-direct (only over connections the node opened itself,
+    which is how an entry serves a node behind NAT)."""
+    reach = node.get("reachability")
+    return reach if isinstance(reach, str) else "direct"
 
 
 class Console:

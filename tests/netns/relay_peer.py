@@ -1,0 +1,88 @@
+"""A bare mesh peer for the relay tests, run inside a lab namespace:
+
+    python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR listen
+        reserves a relay slot at the entry, serves an echo protocol, prints {"peer_id", "addr"}
+    python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR dial PEER:CIRCUIT_ADDR [PEER:ADDR ...]
+        opens a stream to each peer through its relayed address, one round trip each, then
+        closes the first circuit and checks the others still answer; prints {"ok", ...}
+
+A listener exits when its stdin closes, so an aborted test leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from protocol.framing import FrameReader, FrameWriter  # noqa: E402
+from protocol.identity import Identity  # noqa: E402
+from transport.host import open_mesh_host  # noqa: E402
+from transport.relay import MeshRelay  # noqa: E402
+
+ECHO = "/mesh/test-echo/1"
+
+
+async def echo(stream, remote: str) -> None:
+    reader, writer = FrameReader(stream), FrameWriter(stream)
+    while (frame := await reader.read_frame()) is not None:
+        await writer.write_frame({"echo": frame})
+
+
+async def round_trip(host, peer: str, addrs=None) -> float:
+    t0 = time.monotonic()
+    s = await host.open_stream(peer, ECHO, addrs, timeout=15)
+    await FrameWriter(s).write_frame({"x": peer})
+    reply = await FrameReader(s).read_frame()
+    await s.close()
+    assert reply and reply["echo"] == {"x": peer}, reply
+    return time.monotonic() - t0
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("role", choices=["listen", "dial"])
+    ap.add_argument("targets", nargs="*")
+    args = ap.parse_args()
+    entry = args.bootstrap.split("/p2p/")[-1]
+    async with trio.open_nursery() as nursery:
+        async def stdin_watch() -> None:
+            stdin = trio.lowlevel.FdStream(0)
+            while await stdin.receive_some(1024):
+                pass
+            nursery.cancel_scope.cancel()
+
+        if args.role == "listen":  # the dialer ends by itself (and its stdin is closed at once)
+            nursery.start_soon(stdin_watch)
+        async with open_mesh_host(Identity.generate(), listen_host="0.0.0.0", bootstrap=[args.bootstrap]) as host:
+            relay = MeshRelay(host, hop=False)
+            host.relay = relay
+            await nursery.start(relay.run)
+            if args.role == "listen":
+                host.set_stream_handler(ECHO, echo)
+                addr = await relay.reserve(entry)
+                print(json.dumps({"peer_id": host.peer_id, "addr": addr}), flush=True)
+                await trio.sleep_forever()
+            targets = [t.split("=", 1) for t in args.targets]
+            out: dict = {"rtt_ms": {}}
+            for peer, addr in targets:
+                await round_trip(host, peer, [addr])  # opens the circuit
+                out["rtt_ms"][peer] = round(1000 * min([await round_trip(host, peer) for _ in range(5)]), 2)
+            if len(targets) > 1:
+                await host.disconnect(targets[0][0])
+                await trio.sleep(1.0)
+                out["others_after_close"] = [round(1000 * await round_trip(host, p), 2) for p, _ in targets[1:]]
+            out["ok"] = True
+            print(json.dumps(out), flush=True)
+            nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    trio.run(main)

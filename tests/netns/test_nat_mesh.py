@@ -1,0 +1,142 @@
+"""A volunteer behind a home NAT, with real entry and node daemons in network namespaces."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.netns.mesh_lab import complete, logs, mesh_nodes, node_status, serving, start_entry, start_node, wait_until
+
+ADVERT_INTERVAL = 5.0
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["nat", "symmetric-nat"])
+def test_node_behind_nat_served_by_two_entries(lab, tmp_path, symmetric):
+    """The node bootstraps through e1 only; e2 (bootstrapped through e1) serves it too, within
+    one advert interval of the node being ready, and the node advertises no address nobody can
+    dial."""
+    home = lab.add_home(symmetric=symmetric)
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    e2 = start_entry(lab, tmp_path, "e2", lab.pub_ip, 4002, e1.p2p)
+    node = start_node(lab, tmp_path, "n1", home, e1.p2p, advert_interval=ADVERT_INTERVAL)
+    t0 = time.monotonic()
+    ctx = lambda: logs(e1.proc, e2.proc, node)  # noqa: E731
+    wait_until(lambda: serving(lab, e1) and serving(lab, e2), ADVERT_INTERVAL, "both entries serving the node", context=ctx)
+    took = time.monotonic() - t0
+    for e in (e1, e2):
+        status, _, body = complete(lab, e)
+        assert status == 200, (status, body, ctx())
+    # 0.0.0.0 and 192.168.1.2 are nobody's to dial: only a relay slot at an entry is advertised.
+    wait_until(lambda: node_status(node).get("reachability", {}).get("state") == "relayed", 20, "a relay slot", context=ctx)
+    st = node_status(node)
+    assert st["advertised_addrs"] and all(a.endswith("/p2p-circuit") and a.startswith(f"/ip4/{lab.pub_ip}/")
+                                          for a in st["advertised_addrs"]), st
+    assert st["entry_links"]["connected"] == 2, st
+    print(f"served by both entries {took:.2f}s after the node was ready")
+
+
+def test_recovers_after_router_reset_and_uplink_outage(lab, tmp_path):
+    home = lab.add_home()
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    node = start_node(lab, tmp_path, "n1", home, e1.p2p)
+    ctx = lambda: logs(e1.proc, node) + "\n" + home.mappings()  # noqa: E731
+    wait_until(lambda: complete(lab, e1)[0] == 200, 20, "first completion", context=ctx)
+
+    home.router_reset()  # the router forgets every mapping; the old connection is dead
+    t0 = time.monotonic()
+    wait_until(lambda: complete(lab, e1, timeout=5)[0] == 200, 30, "serving again after the router reset", context=ctx)
+    reset_s = time.monotonic() - t0
+
+    home.cut_uplink()
+    t_cut = time.monotonic()
+    # Down long enough that both sides gave the old connection up.
+    wait_until(lambda: not serving(lab, e1), 30, "the entry noticing the outage", context=ctx)
+    time.sleep(max(0.0, 25 - (time.monotonic() - t_cut)))
+    home.restore_uplink()
+    t0 = time.monotonic()
+    wait_until(lambda: complete(lab, e1, timeout=5)[0] == 200, 30, "serving again after the outage", context=ctx)
+    outage_s = time.monotonic() - t0
+    print(f"serving again {reset_s:.1f}s after a router reset, {outage_s:.1f}s after the uplink returned")
+
+
+def test_briefly_unreachable_node_gives_503_not_404(lab, tmp_path):
+    home = lab.add_home()
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    node = start_node(lab, tmp_path, "n1", home, e1.p2p)
+    ctx = lambda: logs(e1.proc, node)  # noqa: E731
+    wait_until(lambda: serving(lab, e1), 20, "the entry serving the node", context=ctx)
+    home.cut_uplink()
+    wait_until(lambda: not serving(lab, e1), 30, "the entry noticing the outage", context=ctx)
+    status, headers, body = complete(lab, e1)
+    assert status == 503, (status, body)
+    assert "retry-after" in headers
+    home.restore_uplink()
+
+
+def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
+    """A NAT'd node is told it is not directly reachable although its connection to the entry
+    works (AutoNAT v1 would say it is), runs as a DHT client and advertises only a relay slot at
+    the entry; a node on
+    a public address is confirmed, advertises that address, and serves the DHT. The entry's
+    node view says which is which."""
+    home = lab.add_home()
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    natted = start_node(lab, tmp_path, "nat", home, e1.p2p)
+    public_ns, public_ip = lab.add_public_host(1)
+    public = start_node(lab, tmp_path, "pub", public_ns, e1.p2p, listen=public_ip, extra=("--port", "4100"))
+    ctx = lambda: logs(e1.proc, natted, public)  # noqa: E731
+
+    def checked(node) -> dict:
+        st = node_status(node)
+        reach = st.get("reachability") or {}
+        return st if reach.get("checked_by") and reach.get("state") != "unreachable-direct" else {}
+
+    wait_until(lambda: checked(natted) and checked(public), 30, "both nodes checked by a dial-back", context=ctx)
+    st = checked(natted)
+    assert st["reachability"]["state"] == "relayed" and st["reachability"]["direct_addrs"] == [], st
+    assert st["advertised_addrs"] == [f"/ip4/{lab.pub_ip}/tcp/4001/p2p/{e1.peer_id}/p2p-circuit"], st
+    assert st["reachability"]["observed"] == [f"/ip4/{home.wan_ip}"] and st["dht_server"] is False, st
+    st = checked(public)
+    direct = f"/ip4/{public_ip}/tcp/4100"
+    assert st["reachability"]["state"] == "direct" and st["advertised_addrs"] == [direct], st
+    assert st["dht_server"] is True, st
+
+    def view() -> list[str]:
+        return sorted(n["reachability"] for n in mesh_nodes(lab, e1) if n.get("state") in ("ready", "busy"))
+
+    wait_until(lambda: view() == ["direct", "relayed"], 20, "the entry's view", context=ctx)
+
+
+def _peer(lab, ns: str, *args: str):
+    import subprocess
+    import sys
+
+    from tests.support.node_procs import REPO
+    p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(REPO / "tests/netns/relay_peer.py"), *args],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lab.extra_procs.append(p)
+    return p
+
+
+def test_natted_nodes_exchange_streams_through_a_relay_two_circuits_one_relay(lab, tmp_path):
+    """Two listeners behind two NATs, each with a relay slot at the entry; a third peer behind a
+    third NAT opens a stream to each through the entry's relay (no direct path exists), then
+    closes the first circuit: the second keeps working."""
+    import json
+
+    homes = [lab.add_home() for _ in range(3)]
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    listeners = [_peer(lab, h.ns, "--bootstrap", e1.p2p, "listen") for h in homes[:2]]
+    infos = []
+    for p in listeners:
+        line = p.stdout.readline()
+        assert line, p.stderr.read()[-3000:] if p.poll() is not None else "listener printed nothing"
+        infos.append(json.loads(line))
+    assert all(i["addr"] and i["addr"].endswith("/p2p-circuit") for i in infos), infos
+    dialer = _peer(lab, homes[2].ns, "--bootstrap", e1.p2p, "dial", *(f"{i['peer_id']}={i['addr']}" for i in infos))
+    out, err = dialer.communicate(timeout=90)
+    assert out.strip(), err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["ok"] and len(result["others_after_close"]) == 1, result
+    print(f"relayed round trips (ms): {result['rtt_ms']}")
