@@ -13,13 +13,13 @@ use its whole context) + prefix_cache_tokens cells for finished sequences kept f
 evicted first whenever a running sequence needs room.
 
 Numerics. llama.cpp computes a batch of one token with other kernels than a batch of two or
-more (any 2+ give the same per-row numbers; see entry/verify/stats.py). So that a sequence's
-output does not depend on whether it ran alone, a step that would decode one token gets a
-throw-away second token in a scratch sequence: every row is then computed the "batch" way, the
-way prompts, prefix-reused suffixes, failover continuations and the entry's verifier replay are
-computed. What remains is float summation order in attention over cells at other places in the
-unified cache: measured in tests/engine/test_batched.py (greedy: identical on the tested
-prompts).
+more (see entry/verify/stats.py), and with several sequences in one cache the summation order
+in attention depends on where their cells lie. So greedy output is no longer bit-identical run
+to run: a sequence decoding alone in an empty cache gets exactly the old Engine's tokens
+(single-token kernels); next to running or cached sequences, near-ties can flip (measured in tests/engine/test_batched.py; the verifier's
+tolerance covers both, scripts/bench_verify_batch.py). `pad_single=True` adds a throw-away
+token to lone steps so every row is computed the batched way (as the verifier's replay is),
+at ~40% more CPU per token alone (measured): off by default.
 
 Per-sequence token choice stays in Python: engine.sampling.TokenSampler.choose(row, history)
 with history = prompt + continuation + generated, exactly as Engine.generate does.
@@ -90,7 +90,7 @@ class BatchedEngine(Engine):
         n_gpu_layers: int = 0,
         n_batch: int = 512,
         prefix_cache_tokens: int = 0,
-        pad_single: bool = True,
+        pad_single: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if slots < 1:
@@ -158,7 +158,8 @@ class BatchedEngine(Engine):
 
     # --- generation ------------------------------------------------------------------------
 
-    def run(self, request: EngineRequest, *, cancel: threading.Event | None = None, scope: str = "") -> BatchedGeneration:
+    def run(self, request: EngineRequest, *, cancel: threading.Event | None = None,  # type: ignore[override]
+            scope: str = "") -> BatchedGeneration:
         return self.generate(
             self.prompt_tokens(request),
             replace(request.params, stop=self.request_stops(request)),
@@ -284,7 +285,7 @@ class BatchedEngine(Engine):
             budget -= n
         if not planned:
             return
-        entries = [(s.sid, s.pending[:n], len(s.kv), n == len(s.pending)) for s, n in planned]
+        entries = [(s.sid, s.pending[:n], len(s.kv), n == len(s.pending)) for s, n in planned if s.sid is not None]
         rows = self._decode(entries)
         self.counters.steps += 1
         for (seq, n), row_idx in zip(planned, rows, strict=True):

@@ -184,12 +184,34 @@ PROMPTS = ["The capital of France is", "Once upon a time, there", "def fibonacci
 
 
 @pytest.mark.slow
-def test_alone_equals_replay_argmax(smol):
-    """Alone, a sequence is still decoded on the 2+-token kernels (padding): exactly the
-    greedy tokens a one-prefill replay (the verifier's way) gives."""
-    prompt = smol.tokenize(PROMPTS[0], add_bos=True)
-    ids, _, _ = ids_of(smol.generate(prompt, SamplingParams(max_tokens=32), scope="alone"))
-    assert max(greedy_deviations(smol, prompt, ids)) == 0.0
+def test_alone_equals_the_single_context_engine(smollm2_path, tmp_path):
+    """A sequence decoding alone in an empty cache is computed as the old one-context Engine
+    computed it (next to cached or running sequences, its cells lie elsewhere: near-ties may
+    flip, see test_batched_greedy_matches_single)."""
+    from engine.llama import Engine
+
+    ref = Engine(smollm2_path, n_ctx=1024, n_threads=1, cache_dir=tmp_path)
+    smol = BatchedEngine(smollm2_path, slots=2, n_ctx=1024, n_threads=1, prefix_cache_tokens=0, cache_dir=tmp_path)
+    try:
+        for text in PROMPTS[:2]:
+            prompt = smol.tokenize(text, add_bos=True)
+            ids, _, _ = ids_of(smol.generate(prompt, SamplingParams(max_tokens=32), scope="alone"))
+            assert ids == ids_of(ref.generate(prompt, SamplingParams(max_tokens=32)))[0]
+    finally:
+        smol.close()
+        ref.close()
+
+
+@pytest.mark.slow
+def test_padding_puts_lone_steps_on_the_batched_kernels(smollm2_path, tmp_path):
+    """pad_single: exactly the greedy tokens of a one-prefill replay (the verifier's way)."""
+    e = BatchedEngine(smollm2_path, slots=1, n_ctx=512, n_threads=1, pad_single=True, cache_dir=tmp_path)
+    try:
+        prompt = e.tokenize(PROMPTS[0], add_bos=True)
+        ids, _, _ = ids_of(e.generate(prompt, SamplingParams(max_tokens=32)))
+        assert max(greedy_deviations(e, prompt, ids)) == 0.0
+    finally:
+        e.close()
 
 
 @pytest.mark.slow
@@ -202,7 +224,7 @@ def test_batched_greedy_matches_single(smol):
         assert len(b) == len(a)
         assert max(greedy_deviations(smol, p, b)) <= NEAR_TIE
     same = sum(a == b for a, b in zip(alone, together, strict=True))
-    assert same >= 3  # measured: 4/4 when they start together
+    assert same >= 2  # measured: 2-4 of 4 (alone uses the single-token kernels, together not)
 
 
 @pytest.mark.slow
