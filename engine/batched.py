@@ -231,7 +231,10 @@ class BatchedEngine(Engine):
                     except BaseException as e:  # handed to the caller
                         fut.set_exception(e)
             for seq in incoming:
-                self._admit(seq)
+                try:
+                    self._admit(seq)
+                except Exception as e:  # this request's problem, not the other sequences'
+                    self._fail(seq, e)
             if self._active:
                 try:
                     self._step()
@@ -294,7 +297,10 @@ class BatchedEngine(Engine):
             self.counters.decoded_tokens += n
             if row_idx is not None:
                 seq.generating = True
-                self._emit(seq, self._row(row_idx))
+                try:
+                    self._emit(seq, self._row(row_idx))
+                except Exception as e:  # e.g. the sampler on a broken row: this sequence only
+                    self._fail(seq, e)
 
     def _emit(self, seq: _Seq, logits: np.ndarray) -> None:
         """Engine.generate's per-token logic for one sequence whose next row is ready."""
@@ -326,7 +332,7 @@ class BatchedEngine(Engine):
         h._queue.put(_END)
 
     def _fail(self, seq: _Seq, error: Exception) -> None:
-        seq.kv = []  # its KV state is unknown after a failed decode
+        seq.kv = []  # its KV state is unknown after a failed decode: not kept for reuse
         self._retire(seq)
         seq.handle._queue.put(error)
 
