@@ -142,6 +142,7 @@ def main() -> int:
     ap.add_argument("--generations", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--max-tokens", default="24,32,48,64", help="comma-separated max_tokens to draw from")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     path = bundled_model_path()
@@ -150,7 +151,8 @@ def main() -> int:
     engine = BatchedEngine(path, slots=4, n_ctx=2048, n_threads=args.threads, prefix_cache_tokens=4096)
     t0 = time.perf_counter()
     try:
-        records, counts = generate_honest(engine, sha, args.generations, seed=args.seed, progress=print)
+        records, counts = generate_honest(engine, sha, args.generations, seed=args.seed, progress=print,
+                                          max_tokens=tuple(int(x) for x in args.max_tokens.split(",")))
     finally:
         engine.close()
     gen_s = time.perf_counter() - t0
