@@ -7,9 +7,8 @@ entry's verifier (entry/verify). Every flag is a false positive.
 The mix: chat and completion requests with every sampling parameter the bench_verify.py mix
 has; a third of them are a conversation's next turn in the same scope (prompt-prefix reuse);
 every fifth is split at a random token and its tail produced as a failover continuation
-while the other slots keep running. Generation (4 threads feeding one engine) runs first,
-then verification (one llama.cpp at work at a time: the verifier's replay is its own
-engine). tests/verify/test_verify_batch.py runs a small version of this.
+while the other slots keep running. Verification (the entry's own engine, one thread) runs
+beside generation and writes partial results to --json as it goes. tests/verify/test_verify_batch.py runs a small version of this.
 """
 
 from __future__ import annotations
@@ -52,7 +51,8 @@ def _spec(rng: random.Random, sha: str, max_tokens: int, history: list[ChatMessa
 
 
 def generate_honest(engine: BatchedEngine, sha: str, n: int, *, seed: int = 11, workers: int = 4,
-                    max_tokens: tuple[int, ...] = (24, 32, 48, 64), progress=None) -> tuple[list[GenerationRecord], dict]:
+                    max_tokens: tuple[int, ...] = (24, 32, 48, 64), progress=None,
+                    on_record=None) -> tuple[list[GenerationRecord], dict]:
     """n generations from `workers` threads at once; returns their records (as the entry's relay
     would have kept them) and counts of what was exercised."""
     lock = threading.Lock()
@@ -89,6 +89,8 @@ def generate_honest(engine: BatchedEngine, sha: str, n: int, *, seed: int = 11, 
                 parts = [PartRecord("node-a", "a", ids[:split]), PartRecord("node-b", "b", tail, finished=True)]
                 ids = ids[:split] + tail
             rec = GenerationRecord(req, parts, finish, gen.prompt_tokens)
+            if on_record is not None:
+                on_record(rec)
             with lock:
                 records.append(rec)
                 counts["tokens"] += len(ids)
@@ -112,27 +114,39 @@ def generate_honest(engine: BatchedEngine, sha: str, n: int, *, seed: int = 11, 
     return records, counts
 
 
-def verify_all(verifier: Verifier, records: list[GenerationRecord], progress=None) -> dict:
-    devs: list[float] = []
-    pvals: list[float] = []
-    flagged: list[tuple] = []
-    soft = tokens = 0
-    for k, rec in enumerate(records):
+class Tally:
+    """Verdicts so far (the full run takes long on a busy machine: partial results count)."""
+
+    def __init__(self) -> None:
+        self.devs: list[float] = []
+        self.pvals: list[float] = []
+        self.flagged: list[tuple] = []
+        self.soft = self.tokens = self.generations = 0
+
+    def add(self, verifier: Verifier, rec: GenerationRecord) -> None:
+        self.generations += 1
         for v in verifier.check(rec):
-            devs.append(v.max_deviation)
-            soft += v.soft_violations
-            tokens += v.tokens
+            self.devs.append(v.max_deviation)
+            self.soft += v.soft_violations
+            self.tokens += v.tokens
             if v.pvalue is not None:
-                pvals.append(v.pvalue)
+                self.pvals.append(v.pvalue)
             if not v.passed:
-                flagged.append((rec.request.request_id, v.reason, round(v.max_deviation, 3)))
-        if progress is not None and (k + 1) % 50 == 0:
-            progress(f"  verified {k + 1}/{len(records)}: {len(flagged)} flagged, worst deviation {max(devs):.3f}")
-    devs.sort()
-    return {"generations": len(records), "verdicts": len(devs), "false_positives": len(flagged), "flagged": flagged[:10],
-            "tokens_checked": tokens, "soft_violations": soft,
-            "max_deviation": {"p50": statistics.median(devs), "p99": devs[int(0.99 * (len(devs) - 1))], "max": devs[-1]},
-            "min_likelihood_pvalue": min(pvals) if pvals else None}
+                self.flagged.append((rec.request.request_id, v.reason, round(v.max_deviation, 3)))
+
+    def result(self) -> dict:
+        devs = sorted(self.devs) or [0.0]
+        return {"generations": self.generations, "verdicts": len(self.devs), "false_positives": len(self.flagged),
+                "flagged": self.flagged[:10], "tokens_checked": self.tokens, "soft_violations": self.soft,
+                "max_deviation": {"p50": statistics.median(devs), "p99": devs[int(0.99 * (len(devs) - 1))], "max": devs[-1]},
+                "min_likelihood_pvalue": min(self.pvals) if self.pvals else None}
+
+
+def verify_all(verifier: Verifier, records: list[GenerationRecord]) -> dict:
+    tally = Tally()
+    for rec in records:
+        tally.add(verifier, rec)
+    return tally.result()
 
 
 def main() -> int:
@@ -149,15 +163,35 @@ def main() -> int:
     verifier = Verifier(config=VerifierConfig())
     sha = verifier.load_model(path).sha256
     engine = BatchedEngine(path, slots=4, n_ctx=2048, n_threads=args.threads, prefix_cache_tokens=4096)
+    # Verification runs beside generation (its own engine, its own thread), so partial results
+    # are there if the run is cut short; it is written to --json every 25 verified generations.
+    import queue
+
+    todo: queue.Queue = queue.Queue()
+    tally = Tally()
+
+    def verify_loop() -> None:
+        while (rec := todo.get()) is not None:
+            tally.add(verifier, rec)
+            if tally.generations % 25 == 0:
+                print(f"  verified {tally.generations}: {len(tally.flagged)} flagged, worst deviation "
+                      f"{max(tally.devs):.3f}", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"partial": True, "verification": tally.result()}, indent=2, default=str))
+
+    checker = threading.Thread(target=verify_loop)
+    checker.start()
     t0 = time.perf_counter()
     try:
         records, counts = generate_honest(engine, sha, args.generations, seed=args.seed, progress=print,
-                                          max_tokens=tuple(int(x) for x in args.max_tokens.split(",")))
+                                          max_tokens=tuple(int(x) for x in args.max_tokens.split(",")), on_record=todo.put)
     finally:
         engine.close()
+        todo.put(None)
     gen_s = time.perf_counter() - t0
+    checker.join()
     result = {"generation": {**counts, "seconds": round(gen_s, 1), "aggregate_tps": round(counts["tokens"] / gen_s, 1)},
-              "verification": verify_all(verifier, records, progress=print)}
+              "verification": tally.result()}
     verifier.close()
     print(json.dumps(result, indent=2, default=str))
     if args.json:
