@@ -52,6 +52,14 @@ from engine.llama import (
 from engine.sampling import TokenSampler, logprob_report
 from engine.textstream import TextStream
 
+# llama.cpp's CPU build runs its threads under OpenMP, whose idle workers spin between parallel
+# regions. Here the Python between two decodes (sampling, handing Steps to consumer threads)
+# runs in other threads than the decode, and spinning workers starve them: measured with 2
+# threads on 2 cores, 160 tokens took 74 s instead of 9 s. Passive waiting must be chosen
+# before libgomp loads (with llama_cpp, deferred to the first engine); a volunteer's own
+# setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 MODE = "batched"
 _END = object()
 # Cached sequences kept at most, whatever the token budget: each costs a sequence id (llama.cpp
