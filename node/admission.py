@@ -1,8 +1,9 @@
 """Admission control: at most `slots` generations at once, a bounded wait queue, then "busy",
 shared fairly between the peers that send requests.
 
-Each slot owns one llama.cpp context (an Engine), so concurrent generations never share a
-Llama object (that segfaults).
+The workers are slots: with a real model, handles onto the node's one batched engine
+(engine/batched.py), each the right to run one sequence in its shared context; with the
+synthetic engine, one engine each. Admission decides who runs, the engine's scheduler how.
 
 Fairness is per requesting peer (in the mesh, an entry), not per request: one entry carries
 the traffic of many users, so a peer alone may take every free slot and the whole queue. Once

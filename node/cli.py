@@ -25,9 +25,14 @@ def add_parser(sub) -> None:
                    "name as adverts give it (needs --bootstrap); a file already there is checked and reused")
     s.add_argument("--model-name", help="model id users ask for in the API (default: the file name without .gguf)")
     s.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU if llama.cpp was built with GPU support; -1 = all (default 0)")
-    s.add_argument("--threads", type=int, help="llama.cpp threads per slot (default: CPU cores / slots)")
-    s.add_argument("--ctx", type=int, help="context size in tokens (default 2048)")
-    s.add_argument("--slots", type=int, help="concurrent generations, one llama.cpp context each (default 1)")
+    s.add_argument("--threads", type=int, help="llama.cpp threads; all slots share them (default: all CPU cores)")
+    s.add_argument("--ctx", type=int, help="context size in tokens of each generation (default 2048)")
+    s.add_argument("--slots", type=int, help="concurrent generations (default 1, at most 128): the model is loaded once and "
+                   "the slots' sequences are decoded together, one llama.cpp batch per step; each slot adds only its "
+                   "KV cache (ctx tokens) to memory")
+    s.add_argument("--prefix-cache-tokens", type=int, help="KV cache tokens kept from finished generations so a request "
+                   "starting with the same tokens (a chat's next turn) skips re-reading them; reuse stays within one "
+                   "requesting peer (default: --ctx; 0 = off, see SECURITY.md)")
     s.add_argument("--queue", type=int, help="requests that may wait for a slot before the node answers busy (default 8)")
     s.add_argument("--max-tokens", type=int, help="longest generation accepted (default 1024)")
     s.add_argument("--buffer-mb", type=int, help="MiB that requesters' unfinished frames may hold in memory, all "
@@ -74,7 +79,7 @@ def add_parser(sub) -> None:
 
 
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
-               "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark",
+               "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark", "prefix_cache_tokens",
                "log_format", "log_level", "synthetic", "synthetic_rate", "share_model", "share_rate", "console_port",
                "console_entries", "public_addr", "relay", "private_mesh")
 
@@ -120,7 +125,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines = [
         f"node {s['peer_id']} ({state}, up {s['uptime_s']:.0f} s, pid {s['pid']})",
         f"model    {m['name']} {m['quantization']} ({m['architecture']}), ctx {m['context_size']}, sha256 {m['sha256'][:16]}…",
-        f"speed    prefill {s['prefill_tps']:.0f} tok/s, decode {s['decode_tps']:.0f} tok/s",
+        f"speed    prefill {s['prefill_tps']:.0f} tok/s, decode {s['decode_tps']:.0f} tok/s "
+        f"({s.get('engine_mode') or 'separate'}: {s.get('aggregate_tps', 0):.0f} tok/s with all {s['slots']} slots busy)",
         f"load     {s['active']}/{s['slots']} slots busy, {s['queued']}/{s['queue_limit']} queued",
         f"served   {s['requests_served']} requests, {s['tokens_served']} tokens ({s['requests_failed']} failed or cancelled)",
         f"listen   {', '.join(s['addrs'])}",

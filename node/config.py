@@ -14,9 +14,12 @@ class NodeConfig:
     model: str | None = None  # GGUF path, "sha256:<hex>" or a model name (fetched from the mesh); None = bundled SmolLM2
     model_name: str | None = None  # the id users ask for; default: the file name without .gguf
     gpu_layers: int = 0  # layers offloaded to the GPU when the build supports it; -1 = all
-    threads: int | None = None  # llama.cpp threads per slot; default: cores / slots
-    ctx: int = 2048
-    slots: int = 1  # concurrent generations, one llama.cpp context each
+    threads: int | None = None  # llama.cpp threads of the node's one context; default: all cores
+    ctx: int = 2048  # per generation: each slot may use the whole context
+    slots: int = 1  # concurrent generations, decoded together as sequences of one llama.cpp context
+    # KV cache cells kept for finished sequences so a request sharing their prefix (a chat's
+    # next turn) skips re-reading it; None = one context's worth (ctx); 0 = off.
+    prefix_cache_tokens: int | None = None
     queue: int = 8  # requests waiting for a slot before the node answers "busy"
     buffer_mb: int = 64  # MiB all requester streams together may hold in unfinished frames
     max_tokens: int = 1024  # longest generation this node accepts
@@ -55,14 +58,21 @@ class NodeConfig:
     def control_socket(self) -> Path:
         return self.state_path() / "node.sock"
 
-    def threads_per_slot(self) -> int:
+    def llama_threads(self) -> int:
         if self.threads:
             return self.threads
-        return max(1, (os.cpu_count() or 1) // max(1, self.slots))
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def prefix_cache_size(self) -> int:
+        return self.ctx if self.prefix_cache_tokens is None else self.prefix_cache_tokens
 
     def validate(self) -> None:
         if self.slots < 1:
             raise ValueError("--slots must be at least 1")
+        if self.slots > 128:
+            raise ValueError("--slots must be at most 128 (llama.cpp's sequence limit, with room for the prefix cache)")
+        if self.prefix_cache_tokens is not None and not 0 <= self.prefix_cache_tokens <= 1 << 20:
+            raise ValueError("--prefix-cache-tokens must be in 0-1048576")
         if self.queue < 0:
             raise ValueError("--queue must be >= 0")
         if not 1 <= self.buffer_mb <= 65536:

@@ -56,23 +56,26 @@ def resolve_model(cfg: NodeConfig) -> ModelInfo:
 
 
 def load_engines(cfg: NodeConfig, info: ModelInfo) -> list:
+    """The node's admission workers, one per slot. A real model is loaded once (weights, and
+    with --gpu-layers their VRAM copy, whatever --slots is): the slots are sequences of one
+    batched llama.cpp context (engine/batched.py)."""
     if cfg.synthetic:
         from engine.synthetic import SyntheticEngine
 
         log.info("synthetic engine: no model is loaded", extra={"model": cfg.synthetic, "rate": cfg.synthetic_rate})
         return [SyntheticEngine(cfg.synthetic, rate=cfg.synthetic_rate, n_ctx=cfg.ctx) for _ in range(cfg.slots)]
-    from engine.llama import Engine
+    from engine.batched import BatchedEngine
 
-    engines = []
-    threads = cfg.threads_per_slot()
-    for i in range(cfg.slots):
-        t0 = time.perf_counter()
-        log.info(f"loading model into slot {i + 1}/{cfg.slots}", extra={"model": info.name, "threads": threads, "gpu_layers": cfg.gpu_layers})
-        engines.append(Engine(info.path, n_ctx=cfg.ctx, n_threads=threads, n_gpu_layers=cfg.gpu_layers))
-        log.info(f"slot {i + 1}/{cfg.slots} loaded in {time.perf_counter() - t0:.2f}s")
-    if cfg.gpu_layers and not engines[0].gpu_offload:
+    t0 = time.perf_counter()
+    threads = cfg.llama_threads()
+    log.info("loading model", extra={"model": info.name, "threads": threads, "gpu_layers": cfg.gpu_layers,
+                                     "slots": cfg.slots, "prefix_cache_tokens": cfg.prefix_cache_size()})
+    engine = BatchedEngine(info.path, slots=cfg.slots, n_ctx=cfg.ctx, n_threads=threads, n_gpu_layers=cfg.gpu_layers,
+                           prefix_cache_tokens=cfg.prefix_cache_size())
+    log.info(f"model loaded in {time.perf_counter() - t0:.2f}s: {cfg.slots} slot(s) as sequences of one context")
+    if cfg.gpu_layers and not engine.gpu_offload:
         log.warning("--gpu-layers was given but this llama.cpp build has no GPU support; running on the CPU")
-    return engines
+    return engine.slot_handles()
 
 
 def _import_p2p() -> None:
@@ -122,7 +125,12 @@ class NodeDaemon:
 
             prefill, decode = await trio.to_thread.run_sync(lambda: engines[0].measure_speed(progress=progress))
             self.stats.prefill_tps, self.stats.decode_tps = prefill, decode
-            log.info("benchmark done", extra={"prefill_tps": round(prefill, 1), "decode_tps": round(decode, 1)})
+            # Capacity with every slot decoding at once: what a batched engine measured, or
+            # (separate engines, e.g. synthetic) the single rate times the slots.
+            self.stats.aggregate_tps = float(getattr(engines[0], "aggregate_tps", 0.0) or decode * len(engines))
+            log.info("benchmark done", extra={"prefill_tps": round(prefill, 1), "decode_tps": round(decode, 1),
+                                              "aggregate_tps": round(self.stats.aggregate_tps, 1)})
+        self.stats.engine_mode = str(getattr(engines[0], "mode", "separate"))
         ctx = min(cfg.ctx, info.context_length or cfg.ctx)
         self.model_id = cfg.model_name or cfg.synthetic or info.path.name.removesuffix(".gguf")
         self.service = NodeService(self.identity, Admission(engines, cfg.queue), model_sha256=info.sha256,
@@ -338,6 +346,7 @@ class NodeDaemon:
             "draining": a.draining,
             "buffered_bytes": svc.buffers.used, "buffer_limit": svc.buffers.limit,
             "prefill_tps": self.stats.prefill_tps, "decode_tps": self.stats.decode_tps,
+            "engine_mode": self.stats.engine_mode, "aggregate_tps": self.stats.aggregate_tps,
             "requests_served": self.stats.requests_served, "requests_failed": self.stats.requests_failed,
             "tokens_served": self.stats.tokens_served,
             "share": None if self.share is None else {"rate_mbps": self.cfg.share_rate, "bytes_sent": self.share.stats.bytes_sent,

@@ -108,7 +108,9 @@ class NodeStats:
     requests_failed: int = 0
     tokens_served: int = 0
     prefill_tps: float = 0.0
-    decode_tps: float = 0.0
+    decode_tps: float = 0.0  # one generation alone
+    aggregate_tps: float = 0.0  # every slot decoding at once, as measured at start
+    engine_mode: str = ""  # "batched": slots are sequences of one context; "separate": one engine each
 
 
 class Session:
@@ -159,7 +161,7 @@ class NodeService:
         a = self.admission
         return StatusReply(self.model_sha256, self.model_name, a.total, a.free, a.queued, a.queue_limit,
                            self.stats.prefill_tps, self.stats.decode_tps, self.stats.tokens_served,
-                           a.draining, self.context_size)
+                           a.draining, self.context_size, self.stats.engine_mode, self.stats.aggregate_tps)
 
     # ---- leaving -----------------------------------------------------------------------------
     async def announce_leaving(self, grace_seconds: float) -> None:
@@ -289,7 +291,7 @@ class NodeService:
         batched frames, the requester watched for a cancel or a disappearance. Returns whether
         the stream may carry more messages."""
         run = _RunState(req.request_id)
-        worker = _EngineThread(engine, req, run.cancel)
+        worker = _EngineThread(engine, req, run.cancel, scope=session.remote)
         batcher = _FrameBatcher(session, req, run, self.stats, self.frame_interval, _piece_reader(engine))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_peer, session, reader, run, self.status)
@@ -429,8 +431,11 @@ class _EngineThread:
     _Handover, so the thread never waits for the loop; the outcome (prompt size, seed, finish
     reason or the exception) is read once run() returned."""
 
-    def __init__(self, engine, req: InferRequest, cancel: threading.Event):
+    def __init__(self, engine, req: InferRequest, cancel: threading.Event, scope: str = ""):
         self._engine = engine
+        # A batched engine reuses cached prompt prefixes only within one scope: the requesting
+        # peer, so one entry's traffic never reveals (by timing) what another entry sent.
+        self._scope = {"scope": scope} if getattr(engine, "scoped_cache", False) else {}
         self._req = req
         self._cancel = cancel
         send, self.steps = trio.open_memory_channel(float("inf"))
@@ -446,7 +451,7 @@ class _EngineThread:
 
     def _work(self) -> None:  # in the worker thread
         try:
-            gen = self._engine.run(self._req, cancel=self._cancel)
+            gen = self._engine.run(self._req, cancel=self._cancel, **self._scope)
             self.prompt_tokens = gen.prompt_tokens
             self.seed = gen.seed
             with gen:

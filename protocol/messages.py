@@ -409,6 +409,10 @@ class StatusReply:
     tokens_served: int
     draining: bool
     context_size: int = 0
+    # How the node runs its slots ("batched": sequences of one llama.cpp context) and its decode
+    # tok/s with every slot busy. Optional: a peer that does not know them ignores them.
+    engine_mode: str = ""
+    aggregate_tps: float = 0.0
     T = "status"
 
     @classmethod
@@ -425,6 +429,8 @@ class StatusReply:
             _int(d, "served", 0, 1 << 62),
             _bool(d, "draining"),
             _int(d, "ctx", 0, 1 << 24, 0),
+            _str(d, "mode", 32, ""),
+            _float(d, "agg_tps", 0.0, 1e9, 0.0),
         )
 
     def to_wire(self) -> dict[str, Any]:
@@ -440,6 +446,8 @@ class StatusReply:
             "served": self.tokens_served,
             "draining": self.draining,
             "ctx": self.context_size,
+            "mode": self.engine_mode,
+            "agg_tps": self.aggregate_tps,
         }
 
 

@@ -15,6 +15,9 @@ Sections (all by default; --only picks some):
   taskrouting  the task-level router (scripts/bench_routing.py): 5-fold cross-validation on the
             shared score tables (cost_at_95, quality_at_best_cost for the router, random, the
             oracle, the best single model, a per-task table and kNN) and the decision latency
+  engine    the node's batched engine (scripts/bench_engine.py): aggregate decode tok/s at
+            1/2/4/8 concurrent generations vs llama.cpp batching directly, RSS slots=1 vs 8,
+            TTFT of a chat's turn 2 with and without prefix reuse
   failover  the longest pause a streaming client sees when the serving node is SIGKILLed
             (synthetic nodes at --failover-rate tok/s)
   burst     bursts of 40 and 200 concurrent chat requests (max_tokens 32) against an entry and
@@ -559,6 +562,17 @@ def _stream_and_kill(url: str, model: str, max_tokens: int, kill_after: int, fin
     return {"gap_s": gap, "tokens": tokens, "failovers": failovers, "killed": killed_at is not None}
 
 
+def section_engine(args) -> dict:
+    """The batched engine's numbers, from its own script (it prints its table as it goes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "engine.json"
+        cmd = [PY, str(REPO / "scripts" / "bench_engine.py"), "--json", str(out)]
+        if args.quick:
+            cmd += ["--quick"]
+        subprocess.run(cmd, check=True, cwd=REPO, timeout=1800)
+        return json.loads(out.read_text())
+
+
 def section_taskrouting(args) -> dict:
     """The learned router's numbers, from its own script (it prints its table as it goes)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -894,7 +908,7 @@ def churn(m: Mesh, model: str, args) -> dict:
 
 # ---- main ----------------------------------------------------------------------------------
 
-SECTIONS = ("overhead", "capacity", "routing", "taskrouting", "failover", "scale", "burst", "share")
+SECTIONS = ("overhead", "capacity", "routing", "taskrouting", "engine", "failover", "scale", "burst", "share")
 
 
 def summary(results: dict) -> list[dict]:
@@ -921,6 +935,14 @@ def summary(results: dict) -> list[dict]:
         if real and real.get("gap_ms_max") is not None:
             rows.append({"metric": "failover gap, SmolLM2 (ms, max)", "target": "<= 2000", "result": real["gap_ms_max"],
                          "ok": real["gap_ms_max"] <= 2000})
+    eng = results.get("engine")
+    if eng and eng.get("decode"):
+        top = max(eng["decode"], key=lambda r: r["n"])
+        rows.append({"metric": f"engine / direct llama.cpp decode at {top['n']} sequences", "target": ">= 0.9",
+                     "result": top["ratio"], "ok": top["ratio"] >= 0.9})
+        t = eng["ttft_turn2"]
+        rows.append({"metric": "turn-2 TTFT speed-up from prefix reuse", "target": ">= 5", "result": t["speedup"],
+                     "ok": t["speedup"] >= 5})
     sc = results.get("scale")
     if sc and sc.get("churn"):
         c = sc["churn"]
@@ -1019,8 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
                      "args": {k: v for k, v in vars(args).items() if k != "dht_probe"}}
     t_all = time.monotonic()
     fns = {"overhead": section_overhead, "capacity": section_capacity, "routing": section_routing,
-           "taskrouting": section_taskrouting, "failover": section_failover, "scale": section_scale,
-           "burst": section_burst, "share": section_share}
+           "taskrouting": section_taskrouting, "engine": section_engine, "failover": section_failover,
+           "scale": section_scale, "burst": section_burst, "share": section_share}
     out_path = Path(args.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for name in SECTIONS:

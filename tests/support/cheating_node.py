@@ -70,9 +70,10 @@ class _FakeGeneration:
 
 
 def cheat_canned() -> None:
+    from engine.batched import BatchedEngine
     from engine.llama import Engine, Step
 
-    def run(self, request, *, cancel=None):
+    def run(self, request, *, cancel=None, **_kw):
         prompt = self.prompt_tokens(request)
         budget = request.params.max_tokens - len(request.continuation)
         ids = self.tokenize(CANNED)[:max(0, budget)]
@@ -85,6 +86,7 @@ def cheat_canned() -> None:
         return _FakeGeneration(steps(), len(prompt), request.params.seed or 0)
 
     Engine.run = run
+    BatchedEngine.run = run  # type: ignore[method-assign]  # the node's engine
 
 
 def cheat_grammar(mode: str) -> None:
@@ -112,29 +114,32 @@ def cheat_grammar(mode: str) -> None:
 
 
 def cheat_truncate(finish: str) -> None:
+    from engine.batched import BatchedEngine
     from engine.llama import Engine, Step
 
-    real_run = Engine.run
+    def cheating(real_run):
+        def run(self, request, *, cancel=None, **kw):
+            gen = real_run(self, request, cancel=cancel, **kw)
 
-    def run(self, request, *, cancel=None):
-        gen = real_run(self, request, cancel=cancel)
-
-        def steps():
-            n = 0
-            for step in gen:
-                if step.token is None:
+            def steps():
+                n = 0
+                for step in gen:
+                    if step.token is None:
+                        yield step
+                        return
                     yield step
-                    return
-                yield step
-                n += 1
-                if n >= TRUNCATE_AFTER:
-                    gen.close()  # save the compute: the point of cheating
-                    yield Step(None, "", finish_reason=finish)
-                    return
+                    n += 1
+                    if n >= TRUNCATE_AFTER:
+                        gen.close()  # save the compute: the point of cheating
+                        yield Step(None, "", finish_reason=finish)
+                        return
 
-        return _FakeGeneration(steps(), gen.prompt_tokens, gen.seed, gen.close)
+            return _FakeGeneration(steps(), gen.prompt_tokens, gen.seed, gen.close)
+        return run
 
-    Engine.run = run
+    # Both: the node runs BatchedEngine; Engine for anything using the single-context one.
+    for cls in (Engine, BatchedEngine):
+        cls.run = cheating(cls.run)
 
 
 def cheat_receipts(mode: str) -> None:

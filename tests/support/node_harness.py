@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from engine.batched import BatchedEngine
 from engine.llama import Engine
 from node.admission import Admission
 from node.service import NodeService
@@ -34,9 +35,12 @@ class MemStream:
         await self._s.aclose()
 
 
-def make_service(model_path, *, slots: int = 1, queue: int = 4, max_tokens: int = 512, n_threads: int = 1) -> NodeService:
-    engines = [Engine(model_path, n_ctx=512, n_threads=n_threads) for _ in range(slots)]
-    info = engines[0].info
+def make_service(model_path, *, slots: int = 1, queue: int = 4, max_tokens: int = 512, n_threads: int = 1,
+                 prefix_cache_tokens: int = 512) -> NodeService:
+    """A node's service as the daemon builds it: one batched engine, one admission worker per slot."""
+    engine = BatchedEngine(model_path, slots=slots, n_ctx=512, n_threads=n_threads, prefix_cache_tokens=prefix_cache_tokens)
+    engines = engine.slot_handles()
+    info = engine.info
     return NodeService(Identity.generate(), Admission(engines, queue), model_sha256=info.sha256,
                        model_name=info.name, context_size=512, max_tokens=max_tokens)
 
@@ -81,8 +85,8 @@ class GatedEngine:
         self.paused = __import__("threading").Event()  # set when a generation reached the gate
         self.info = engine.info
 
-    def run(self, request, *, cancel=None):
-        return _GatedGeneration(self, self._engine.run(request, cancel=cancel), cancel)
+    def run(self, request, *, cancel=None, **kw):
+        return _GatedGeneration(self, self._engine.run(request, cancel=cancel, **kw), cancel)
 
 
 class _GatedGeneration:
