@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.grammar import GrammarError, compile_grammar
 from engine.llama import (
     _BENCH_TEXT,
     BadRequest,
@@ -176,6 +177,7 @@ class BatchedEngine(Engine):
             top_logprobs=request.top_logprobs,
             cancel=cancel,
             scope=scope,
+            grammar=request.grammar,
         )
 
     def generate(  # type: ignore[override]
@@ -188,12 +190,13 @@ class BatchedEngine(Engine):
         top_logprobs: int = 0,
         cancel: threading.Event | None = None,
         scope: str = "",
+        grammar: str = "",
     ) -> BatchedGeneration:
         """As Engine.generate; the generation starts at once (in the scheduler), and its Steps
         wait in the handle until read. `scope`: prefix reuse happens only between requests of
-        the same scope (the node passes the requesting peer)."""
+        the same scope (the node passes the requesting peer). `grammar`: as Engine.generate."""
         return BatchedGeneration(self, list(prompt_tokens), params, list(continuation), logprobs, top_logprobs,
-                                 cancel, scope)
+                                 cancel, scope, grammar)
 
     def _submit(self, seq: _Seq) -> None:
         with self._cv:
@@ -313,7 +316,10 @@ class BatchedEngine(Engine):
     def _emit(self, seq: _Seq, logits: np.ndarray) -> None:
         """Engine.generate's per-token logic for one sequence whose next row is ready."""
         h = seq.handle
-        tok = h.sampler.choose(logits, seq.history)
+        try:
+            tok = h.sampler.choose(logits, seq.history)
+        except GrammarError as e:  # a grammar no token can continue
+            raise BadRequest(str(e)) from None
         if self.is_end(tok):
             return self._finish(seq, "stop")
         lp, top = logprob_report(logits, tok, seq.top_k) if seq.want_lp else (None, None)
@@ -609,13 +615,20 @@ class BatchedGeneration(StepIterator):
     many prompt tokens came from the prefix cache (known once the first step arrived)."""
 
     def __init__(self, engine: BatchedEngine, prompt: list[int], params: GenerationSettings, continuation: list[int],
-                 logprobs: bool, top_logprobs: int, cancel: threading.Event | None, scope: str) -> None:
+                 logprobs: bool, top_logprobs: int, cancel: threading.Event | None, scope: str,
+                 grammar: str = "") -> None:
         engine._check_fits(len(prompt), len(continuation))
         bad = [t for t in prompt + continuation if not 0 <= t < engine.n_vocab]
         if bad:
             raise BadRequest(f"token id {bad[0]} is outside this model's vocabulary of {engine.n_vocab}")
         self.prompt_tokens = len(prompt)
-        self.sampler = TokenSampler(params)
+        try:
+            constraint = compile_grammar(engine, grammar) if grammar else None
+            self.sampler = TokenSampler(params, constraint=constraint, prompt_len=len(prompt))
+            # A continuation the grammar rejects would fail mid-stream: refuse it up front.
+            self.sampler.sync(prompt + continuation)
+        except GrammarError as e:
+            raise BadRequest(str(e)) from None
         self.seed = self.sampler.seed
         self.reused_tokens = 0
         self.token_steps: list[int] = []  # the scheduler step that produced each token (tests, benchmarks)

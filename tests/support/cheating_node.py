@@ -90,27 +90,30 @@ def cheat_canned() -> None:
 
 
 def cheat_grammar(mode: str) -> None:
+    from engine.batched import BatchedEngine
     from engine.llama import Engine, Step
 
-    real_run = Engine.run
+    def cheating(real_run):
+        def run(self, request, *, cancel=None, **kw):
+            if not request.grammar:
+                return real_run(self, request, cancel=cancel, **kw)
+            if mode == "ignore-grammar":
+                # Skips the per-token mask, the cost a cheater would save.
+                return real_run(self, dataclasses.replace(request, grammar=""), cancel=cancel, **kw)
+            prompt = self.prompt_tokens(request)
+            ids = self.tokenize(CANNED_JSON)[: request.params.max_tokens]
 
-    def run(self, request, *, cancel=None):
-        if not request.grammar:
-            return real_run(self, request, cancel=cancel)
-        if mode == "ignore-grammar":
-            # Skips the per-token mask, the cost a cheater would save.
-            return real_run(self, dataclasses.replace(request, grammar=""), cancel=cancel)
-        prompt = self.prompt_tokens(request)
-        ids = self.tokenize(CANNED_JSON)[: request.params.max_tokens]
+            def steps():
+                for t in ids:
+                    yield Step(t, self.token_bytes(t).decode("utf-8", "replace"))
+                yield Step(None, "", finish_reason="stop")
 
-        def steps():
-            for t in ids:
-                yield Step(t, self.token_bytes(t).decode("utf-8", "replace"))
-            yield Step(None, "", finish_reason="stop")
+            return _FakeGeneration(steps(), len(prompt), request.params.seed or 0)
+        return run
 
-        return _FakeGeneration(steps(), len(prompt), request.params.seed or 0)
-
-    Engine.run = run
+    # Both: the node runs BatchedEngine; Engine for anything using the single-context one.
+    for cls in (Engine, BatchedEngine):
+        cls.run = cheating(cls.run)  # type: ignore[method-assign]
 
 
 def cheat_truncate(finish: str) -> None:

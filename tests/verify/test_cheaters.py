@@ -124,8 +124,15 @@ async def test_canary_probes_catch_a_cheater_without_any_user_traffic(tmp_path, 
         # what matters is that failing probes demote it (above) and are the majority.
         failed = [v for v in canaries if not v.passed]
         assert len(failed) >= 2 and len(failed) > len(canaries) / 2
-        withheld = {r["request_id"] for r in entry.ledger.node_requests(node.peer_id) if r["state"] == "withheld"}
-        assert withheld == {v.request_id for v in failed}
+        assert await entry.verifier.wait_idle(60)
+        rows = entry.ledger.node_requests(node.peer_id)
+        # A probe that ends after the demotion is withheld as "demoted" whatever its check says
+        # (a demoted node is not paid for the probes that test it); every other withheld
+        # probe is one that failed its check, and every failed one is withheld.
+        withheld = {r["request_id"] for r in rows if r["state"] == "withheld" and r["reason"] != "demoted"}
+        failed_ids = {v.request_id for v in entry.verifier.verdicts if v.canary and not v.passed}
+        demoted_ids = {r["request_id"] for r in rows if r["reason"] == "demoted"}
+        assert failed_ids - demoted_ids == withheld - demoted_ids and failed_ids <= withheld | demoted_ids
 
 
 @pytest.mark.parametrize("cheat", ["ignore-grammar", "fake-json"])
