@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.grammar import GrammarError, compile_grammar
+from engine.grammar import GrammarError
 from engine.llama import (
     _BENCH_TEXT,
     BadRequest,
@@ -49,8 +49,9 @@ from engine.llama import (
     GenerationSettings,
     Step,
     StepIterator,
+    start_sampler,
 )
-from engine.sampling import TokenSampler, logprob_report
+from engine.sampling import logprob_report
 from engine.textstream import TextStream
 
 # llama.cpp's CPU build runs its threads under OpenMP, whose idle workers spin between parallel
@@ -617,18 +618,8 @@ class BatchedGeneration(StepIterator):
     def __init__(self, engine: BatchedEngine, prompt: list[int], params: GenerationSettings, continuation: list[int],
                  logprobs: bool, top_logprobs: int, cancel: threading.Event | None, scope: str,
                  grammar: str = "") -> None:
-        engine._check_fits(len(prompt), len(continuation))
-        bad = [t for t in prompt + continuation if not 0 <= t < engine.n_vocab]
-        if bad:
-            raise BadRequest(f"token id {bad[0]} is outside this model's vocabulary of {engine.n_vocab}")
         self.prompt_tokens = len(prompt)
-        try:
-            constraint = compile_grammar(engine, grammar) if grammar else None
-            self.sampler = TokenSampler(params, constraint=constraint, prompt_len=len(prompt))
-            # A continuation the grammar rejects would fail mid-stream: refuse it up front.
-            self.sampler.sync(prompt + continuation)
-        except GrammarError as e:
-            raise BadRequest(str(e)) from None
+        self.sampler = start_sampler(engine, prompt, continuation, params, grammar)
         self.seed = self.sampler.seed
         self.reused_tokens = 0
         self.token_steps: list[int] = []  # the scheduler step that produced each token (tests, benchmarks)

@@ -422,6 +422,24 @@ class Engine:
                 llm.close()
 
 
+def start_sampler(engine: Engine, prompt: list[int], continuation: list[int], params: GenerationSettings,
+                  grammar: str) -> TokenSampler:
+    """A generation's checks before it starts, and its sampler (BadRequest on bad input):
+    room in the context, token ids in the vocabulary, a grammar that compiles and accepts
+    the continuation (one the grammar rejects would fail mid-stream)."""
+    engine._check_fits(len(prompt), len(continuation))
+    bad = [t for t in prompt + continuation if not 0 <= t < engine.n_vocab]
+    if bad:
+        raise BadRequest(f"token id {bad[0]} is outside this model's vocabulary of {engine.n_vocab}")
+    try:
+        constraint = compile_grammar(engine, grammar) if grammar else None
+        sampler = TokenSampler(params, constraint=constraint, prompt_len=len(prompt))
+        sampler.sync(prompt + continuation)
+    except GrammarError as e:
+        raise BadRequest(str(e)) from None
+    return sampler
+
+
 class StepIterator:
     """The iterator and context-manager shell of a generation: subclasses set `_gen` (a
     generator of Steps) and the attributes below, and fill them in as it runs."""
@@ -457,18 +475,8 @@ class Generation(StepIterator):
 
     def __init__(self, engine: Engine, prompt: list[int], params: GenerationSettings, continuation: list[int],
                  logprobs: bool, top_logprobs: int, cancel: threading.Event | None, grammar: str = "") -> None:
-        engine._check_fits(len(prompt), len(continuation))
-        bad = [t for t in prompt + continuation if not 0 <= t < engine.n_vocab]
-        if bad:
-            raise BadRequest(f"token id {bad[0]} is outside this model's vocabulary of {engine.n_vocab}")
         self.prompt_tokens = len(prompt)
-        try:
-            constraint = compile_grammar(engine, grammar) if grammar else None
-            self.sampler = TokenSampler(params, constraint=constraint, prompt_len=len(prompt))
-            # A continuation the grammar rejects would fail mid-stream: refuse it up front.
-            self.sampler.sync(prompt + continuation)
-        except GrammarError as e:
-            raise BadRequest(str(e)) from None
+        self.sampler = start_sampler(engine, prompt, continuation, params, grammar)
         self.seed = self.sampler.seed
         self._gen = self._run(engine, prompt, params, continuation, logprobs, top_logprobs, cancel)
 
