@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
 mesh ready: {listing}
 
   web chat:  {url}/
+  console:   {url}/console
   API:       {url}/v1  (OpenAI-compatible, open mode: any or no API key)
 
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
