@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -170,16 +170,7 @@ class BatchedEngine(Engine):
 
     def run(self, request: EngineRequest, *, cancel: threading.Event | None = None,  # type: ignore[override]
             scope: str = "") -> BatchedGeneration:
-        return self.generate(
-            self.prompt_tokens(request),
-            replace(request.params, stop=self.request_stops(request)),
-            continuation=request.continuation,
-            logprobs=request.logprobs,
-            top_logprobs=request.top_logprobs,
-            cancel=cancel,
-            scope=scope,
-            grammar=request.grammar,
-        )
+        return super().run(request, cancel=cancel, scope=scope)  # type: ignore[return-value]
 
     def generate(  # type: ignore[override]
         self,

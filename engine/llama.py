@@ -283,8 +283,9 @@ class Engine:
 
     # --- generation ----------------------------------------------------------------------
 
-    def run(self, request: EngineRequest, *, cancel: threading.Event | None = None) -> Generation:
-        """prompt_tokens + generate for an InferRequest."""
+    def run(self, request: EngineRequest, *, cancel: threading.Event | None = None, **options: Any) -> Generation:
+        """prompt_tokens + generate for an InferRequest; `options` go to generate as they are
+        (a subclass's own, e.g. the batched engine's scope)."""
         return self.generate(
             self.prompt_tokens(request),
             replace(request.params, stop=self.request_stops(request)),
@@ -293,6 +294,7 @@ class Engine:
             top_logprobs=request.top_logprobs,
             cancel=cancel,
             grammar=request.grammar,
+            **options,
         )
 
     def generate(
