@@ -383,7 +383,29 @@ async def no_republish(*args, **kwargs) -> None:
     return None
 
 
-class ForgetDisconnectedPeers(INotifee):
+class _Notifee(INotifee):
+    """INotifee with every event ignored: subclasses override the ones they need."""
+
+    async def connected(self, network, conn) -> None:
+        return None
+
+    async def disconnected(self, network, conn) -> None:
+        return None
+
+    async def opened_stream(self, network, stream) -> None:
+        return None
+
+    async def closed_stream(self, network, stream) -> None:
+        return None
+
+    async def listen(self, network, multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network, multiaddr) -> None:
+        return None
+
+
+class ForgetDisconnectedPeers(_Notifee):
     """Drop a peer from the DHT routing table when its last connection closes.
 
     py-libp2p keeps a dead peer in routing tables for an hour (stale-peer pings run every
@@ -402,20 +424,6 @@ class ForgetDisconnectedPeers(INotifee):
         except Exception:
             log.debug("routing table cleanup failed", exc_info=True)
 
-    async def connected(self, network, conn) -> None:
-        return None
-
-    async def opened_stream(self, network, stream) -> None:
-        return None
-
-    async def closed_stream(self, network, stream) -> None:
-        return None
-
-    async def listen(self, network, multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network, multiaddr) -> None:
-        return None
 
 
 class DialPublicOnly:
@@ -445,7 +453,7 @@ class DialPublicOnly:
         return getattr(self._inner, name)
 
 
-class PeerEvents(INotifee):
+class PeerEvents(_Notifee):
     """Calls on_connected(peer ID) for every new connection, whoever dialled."""
 
     def __init__(self, on_connected):
@@ -456,21 +464,6 @@ class PeerEvents(INotifee):
             self._on_connected(conn.muxed_conn.peer_id)
         except Exception:
             log.debug("connect listener failed", exc_info=True)
-
-    async def disconnected(self, network, conn) -> None:
-        return None
-
-    async def opened_stream(self, network, stream) -> None:
-        return None
-
-    async def closed_stream(self, network, stream) -> None:
-        return None
-
-    async def listen(self, network, multiaddr) -> None:
-        return None
-
-    async def listen_close(self, network, multiaddr) -> None:
-        return None
 
 
 async def no_auto_connect() -> None:
