@@ -263,8 +263,14 @@ class MeshHost:
 
     @property
     def listen_addrs(self) -> list[str]:
-        """Where we listen (or what announce_addrs said), dialable or not."""
-        return [str(a) for a in self._upstream_get_addrs()]
+        """Where we listen (or what announce_addrs said), dialable or not; none once the
+        listener closed. (py-libp2p's identify handler polls get_addrs for a while when a
+        public-mesh host advertises nothing; if the host closes meanwhile, the closed
+        listener's getsockname raised EBADF into the host's teardown.)"""
+        try:
+            return [str(a) for a in self._upstream_get_addrs()]
+        except OSError:
+            return []
 
     def _upstream_get_addrs(self):
         return getattr(self._host, "_mesh_all_addrs", self._host.get_addrs)()
