@@ -215,6 +215,8 @@ class GenerationResponse(Response):
         self.write_begun = trio.Event()
 
     async def __call__(self, scope, receive, send) -> None:
+        # The path asked for, not the plan's: a /v1/responses request runs as a chat plan.
+        self.endpoint = _endpoint_label(scope.get("path", self.endpoint))
         self.ins.in_flight.inc()
         try:
             async with trio.open_nursery() as nursery:

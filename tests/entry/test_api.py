@@ -331,15 +331,18 @@ async def test_metrics_exposition_parses():
         async with running_api() as api:
             await api.client.post(CHAT, json=chat_body(stream=True))
             await api.client.post(CHAT, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+            await api.client.post("/v1/responses", json={"model": "fake-model", "input": "hi"})
             r = await api.client.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("mesh_entry_requests_total", (("endpoint", CHAT), ("status", "200")))] == 1
     assert samples[("mesh_entry_requests_total", (("endpoint", CHAT), ("status", "404")))] == 1
-    assert samples[("mesh_entry_completion_tokens_total", (("model", "fake-model"),))] == len(WORDS)
+    assert samples[("mesh_entry_completion_tokens_total", (("model", "fake-model"),))] == 2 * len(WORDS)
     assert families["mesh_entry_time_to_first_token_seconds"].type == "histogram"
     assert samples[("mesh_entry_time_to_first_token_seconds_count", (("endpoint", CHAT),))] == 1
+    # A Responses request runs as a chat plan but is counted under its own path.
+    assert samples[("mesh_entry_time_to_first_token_seconds_count", (("endpoint", "/v1/responses"),))] == 1
     assert families["mesh_entry_request_duration_seconds"].type == "histogram"
     assert samples[("mesh_entry_model_nodes", (("model", "fake-model"),))] == 2
     assert samples[("mesh_nodes", (("model", "fake-model"),))] == 2  # the backend's own gauges
