@@ -34,7 +34,7 @@ from node.receipt_log import FILE_NAME as RECEIPTS_FILE
 from node.receipt_log import ReceiptLog
 from protocol.errors import RecordError
 from protocol.records import WorkReceipt, _open, _typed
-from web import PAGE_HEADERS, content_type, read_dir, vendor_files
+from web import PAGE_HEADERS, content_type, page_files, vendor_files
 from web.series import RollingSeries
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class NodeConsole:
         self._asked: tuple[float, int] | None = None  # (monotonic time, requests served) of the last round
         self._asking = False
         self._nursery: trio.Nursery | None = None
-        self.files = read_dir(PAGE_DIR)
+        self.files = page_files(PAGE_DIR)
         self.vendor = vendor_files()
         self.receipts = ReceiptTally(daemon.cfg.state_path() / RECEIPTS_FILE)
 

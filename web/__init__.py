@@ -1,4 +1,5 @@
-"""What the mesh's web pages share: the vendored browser libraries and a rolling time series.
+"""What the mesh's web pages share: the vendored browser libraries, the consoles' base CSS and
+JS helpers (web/page), and a rolling time series.
 
 The libraries (Chart.js, marked, DOMPurify) come from the npm registry through
 scripts/vendor_js.sh, pinned by web/package-lock.json, with their licences, into web/vendor/.
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 VENDOR_DIR = Path(__file__).parent / "vendor"
+PAGE_DIR = Path(__file__).parent / "page"  # what the consoles share: their base CSS and JS helpers
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".md": "text/plain; charset=utf-8", ".LICENSE": "text/plain; charset=utf-8"}
 # Pages load nothing from elsewhere and run no inline script.
@@ -35,6 +37,11 @@ def read_dir(path: Path) -> dict[str, bytes]:
     if not path.is_dir():
         return {}
     return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and content_type(p.name)}
+
+
+def page_files(own: Path) -> dict[str, bytes]:
+    """A console's own files over the shared ones of web/page (its own win a name clash)."""
+    return {**read_dir(PAGE_DIR), **read_dir(own)}
 
 
 def vendor_files() -> dict[str, bytes]:

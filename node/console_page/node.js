@@ -4,37 +4,11 @@
 
 const POLL_MS = 2000;
 const ARM_MS = 5000;  // a second click within this confirms the stop
-const $ = (id) => document.getElementById(id);
 const token = document.querySelector('meta[name="mesh-console-token"]').content;
 const charts = {};
 let timer = null;
 let armed = null;
 let stopped = false;
-
-function showError(message) {
-  $("error").textContent = message;
-  $("error").hidden = !message;
-}
-
-function fmt(n, digits = 0) {
-  if (n == null || Number.isNaN(n)) return "–";
-  return Number(n).toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
-}
-
-function cell(text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text == null ? "–" : String(text);
-  if (cls) td.className = cls;
-  return td;
-}
-
-function fillRows(tbody, rows) {
-  tbody.replaceChildren(...rows.map((cells) => {
-    const tr = document.createElement("tr");
-    tr.append(...cells);
-    return tr;
-  }));
-}
 
 function duration(s) {
   if (s < 120) return `${fmt(s)} s`;
@@ -43,17 +17,7 @@ function duration(s) {
 }
 
 function makeChart(id, label, color) {
-  return new Chart($(id), {
-    type: "line",
-    data: { labels: [], datasets: [{ label, data: [], borderColor: color, backgroundColor: color + "26", fill: true, stepped: true }] },
-    options: {
-      animation: false, responsive: true, maintainAspectRatio: false,
-      interaction: { mode: "index", intersect: false },
-      scales: { x: { ticks: { maxTicksLimit: 7 }, grid: { display: false } }, y: { beginAtZero: true, ticks: { precision: 0 } } },
-      plugins: { legend: { display: false } },
-      elements: { point: { radius: 0 } },
-    },
-  });
+  return timeChart(id, "line", [{ label, data: [], borderColor: color, backgroundColor: color + "26", fill: true, stepped: true }], false);
 }
 
 function setupCharts() {
@@ -67,7 +31,7 @@ function setupCharts() {
 
 function updateCharts(series) {
   if (!charts.requests) return;
-  const labels = series.t.map((t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
+  const labels = series.t.map(timeLabel);
   for (const [name, chart] of Object.entries(charts)) {
     chart.data.labels = labels;
     chart.data.datasets[0].data = series[name];

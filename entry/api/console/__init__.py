@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from entry.api.parsing import ApiError
-from web import PAGE_HEADERS, content_type, read_dir, vendor_files
+from web import PAGE_HEADERS, content_type, page_files, vendor_files
 
 if TYPE_CHECKING:
     from entry.api.app import _Handlers
@@ -58,7 +58,7 @@ class Console:
                               and not labels["status"].startswith("2"))
         self.tokens = m.track("mesh_entry_completion_tokens_total")
         self.failovers = m.track("mesh_entry_failovers_total")
-        self.files = read_dir(PAGE_DIR)
+        self.files = page_files(PAGE_DIR)
         self.vendor = vendor_files()
         self._routing: tuple[float, Any] | None = None
         self._routing_lock = trio.Lock()  # several open consoles compute it once

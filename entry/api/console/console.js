@@ -4,7 +4,6 @@
 
 const KEY_STORAGE = "mesh.apiKey";  // the same key the chat keeps
 const POLL_MS = 2000;
-const $ = (id) => document.getElementById(id);
 const charts = {};
 let timer = null;
 
@@ -13,65 +12,20 @@ function headers() {
   return key ? { Authorization: "Bearer " + key } : {};
 }
 
-function showError(message) {
-  $("error").textContent = message;
-  $("error").hidden = !message;
-}
-
-function fmt(n, digits = 0) {
-  if (n == null || Number.isNaN(n)) return "–";
-  return Number(n).toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
-}
-
-function cell(text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text == null ? "–" : String(text);
-  if (cls) td.className = cls;
-  return td;
-}
-
-function fillRows(tbody, rows) {
-  tbody.replaceChildren(...rows.map((cells) => {
-    const tr = document.createElement("tr");
-    tr.append(...cells);
-    return tr;
-  }));
-}
-
-function timeLabel(t) {
-  return new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-}
-
-function makeChart(id, type, datasets) {
-  const canvas = $(id);
-  return new Chart(canvas, {
-    type,
-    data: { labels: [], datasets },
-    options: {
-      animation: false, responsive: true, maintainAspectRatio: false, normalized: true,
-      interaction: { mode: "index", intersect: false },
-      scales: { x: { ticks: { maxTicksLimit: 7, autoSkip: true }, grid: { display: false } },
-                y: { beginAtZero: true, ticks: { precision: 0 } } },
-      plugins: { legend: { display: datasets.length > 1, position: "bottom" } },
-      elements: { point: { radius: 0 } },
-    },
-  });
-}
-
 function setupCharts() {
   if (typeof Chart === "undefined") {
     $("no-charts").hidden = false;
     return;
   }
-  charts.throughput = makeChart("chart-throughput", "line", [
+  charts.throughput = timeChart("chart-throughput", "line", [
     { label: "tokens/s", data: [], borderColor: "#2563eb", backgroundColor: "rgba(37,99,235,.15)", fill: true, tension: 0.2 },
-  ]);
+  ], false);
   // Lines, not bars: 360 bars of a fraction of a pixel each would not show.
-  charts.requests = makeChart("chart-requests", "line", [
+  charts.requests = timeChart("chart-requests", "line", [
     { label: "answered", data: [], borderColor: "#2563eb", backgroundColor: "rgba(37,99,235,.15)", fill: true, stepped: true },
     { label: "errors", data: [], borderColor: "#dc2626", stepped: true },
     { label: "failovers", data: [], borderColor: "#d97706", stepped: true },
-  ]);
+  ], true);
 }
 
 function updateCharts(series) {
