@@ -153,6 +153,7 @@ class Engine:
         assert self._llm is not None  # the ctor either returned one or raised
         self.n_ctx: int = self._llm.n_ctx()
         self.n_vocab: int = self._llm.n_vocab()
+        self.n_params: int = int(llama_cpp.llama_model_n_params(self._llm.model))  # prices a token (credit weight)
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self.bos_id: int = self._llm.token_bos()
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab)) and self.bos_id >= 0

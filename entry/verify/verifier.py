@@ -147,9 +147,8 @@ class Verifier:
     def load_model(self, path: str | Path) -> VerifyModel:
         """Load a GGUF to verify with (blocking: call from a thread at start)."""
         engine = Engine(path, n_ctx=self.config.n_ctx, n_threads=self.config.n_threads)
-        n_params = int(engine._lc.llama_model_n_params(engine._llm.model))
         end_ids = [t for t in range(engine.n_vocab) if engine.is_end(t)]
-        model = VerifyModel(engine, engine.info.sha256, model_weight(n_params), end_ids,
+        model = VerifyModel(engine, engine.info.sha256, model_weight(engine.n_params), end_ids,
                             Path(path).name.removesuffix(".gguf"))
         self.models[model.sha256] = model
         log.info("verifying model", extra={"model": engine.info.name, "sha256": model.sha256[:16], "weight": round(model.weight, 4)})

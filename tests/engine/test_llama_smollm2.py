@@ -38,6 +38,7 @@ def test_model_info(engine):
     info = engine.info
     assert (info.architecture, info.quantization, info.vocab_size) == ("llama", "Q4_1", 49152)
     assert info.chat_template and info.context_length >= 2048 and engine.has_chat_template
+    assert engine.n_params == 134_515_008  # what the credit weight of its tokens is priced from
 
 
 def test_chat_gives_sensible_english(engine):
