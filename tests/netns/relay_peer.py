@@ -5,6 +5,9 @@
     python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR dial PEER:CIRCUIT_ADDR [PEER:ADDR ...]
         opens a stream to each peer through its relayed address, one round trip each, then
         closes the first circuit and checks the others still answer; prints {"ok", ...}
+    python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR call PEER=CIRCUIT_ADDR MODEL_SHA256
+        one generation from a node daemon (/mesh/infer/1, transport/node_client.py) through its
+        relayed address; prints {"ok", "tokens", "conn": how the connection to the node runs}
 
 A listener exits when its stdin closes, so an aborted test leaves nothing running.
 """
@@ -45,10 +48,44 @@ async def round_trip(host, peer: str, addrs=None) -> float:
     return time.monotonic() - t0
 
 
+def connection_facts(host, peer: str) -> list[dict]:
+    """How each open connection to `peer` runs: its type as py-libp2p labels it, the
+    addresses it was made over, and the IP/port at the far end of the socket under it (for a
+    circuit, the relay's: the bytes go to the relay, not to the peer)."""
+    from libp2p.peer.id import ID
+
+    out = []
+    for conn in host._swarm.get_connections(ID.from_base58(peer)):
+        muxed = conn.muxed_conn
+        secured = getattr(muxed, "secured_conn", None)
+        raw = getattr(secured, "conn", None)
+        try:
+            remote = raw.get_remote_address() if raw is not None else None
+        except Exception:
+            remote = None
+        out.append({"type": str(muxed.get_connection_type().value) if hasattr(muxed, "get_connection_type") else "?",
+                    "addrs": [str(a) for a in conn.get_transport_addresses()],
+                    "remote": list(remote) if remote else None})
+    return out
+
+
+async def generate(host, peer: str, addr: str, sha: str) -> dict:
+    from protocol.messages import InferRequest, SamplingParams
+    from transport.node_client import open_call
+
+    req = InferRequest("relay-peer-call", sha, "completion", SamplingParams(max_tokens=8), prompt="hello")
+    call = await open_call(host, peer, [addr], req, timeout=15)
+    tokens = 0
+    async for chunk in call.chunks():
+        tokens += len(chunk.ids)
+    await call.close()
+    return {"ok": call.final is not None, "tokens": tokens, "conn": connection_facts(host, peer)}
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("role", choices=["listen", "dial"])
+    ap.add_argument("role", choices=["listen", "dial", "call"])
     ap.add_argument("targets", nargs="*")
     args = ap.parse_args()
     entry = args.bootstrap.split("/p2p/")[-1]
@@ -70,6 +107,11 @@ async def main() -> None:
                 addr = await relay.reserve(entry)
                 print(json.dumps({"peer_id": host.peer_id, "addr": addr}), flush=True)
                 await trio.sleep_forever()
+            if args.role == "call":
+                peer, addr = args.targets[0].split("=", 1)
+                print(json.dumps(await generate(host, peer, addr, args.targets[1])), flush=True)
+                nursery.cancel_scope.cancel()
+                return
             targets = [t.split("=", 1) for t in args.targets]
             out: dict = {"rtt_ms": {}}
             for peer, addr in targets:
