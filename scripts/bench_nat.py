@@ -36,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.netns.mesh_lab import MODEL, complete, mesh_nodes, start_entry, start_node, wait_until  # noqa: E402
+from tests.netns.mesh_lab import MODEL, complete, mesh_nodes, node_status, start_entry, start_node, wait_until  # noqa: E402
 from tests.support.netns import NatLab, ns_exec  # noqa: E402
-from tests.support.node_procs import mesh_cmd, spawn, wait_ready_sync  # noqa: E402
+from tests.support.node_procs import REPO, mesh_cmd, spawn, wait_ready_sync  # noqa: E402
 
 NETNS_RELAY_IP = "198.51.100.1"  # TEST-NET-2: public in the mesh's sense (transport/addrs.py)
 PROMPT = "Count slowly and carefully: 1, 2, 3, 4, 5, 6, 7, 8,"
@@ -133,8 +133,11 @@ async def _one_generation(host, node: str, sha: str, tokens: int, rid: str) -> t
 
 
 def _summary(samples: list[tuple[float, float, int]]) -> dict:
-    return {"ttft_ms": round(statistics.median(s[0] for s in samples) * 1000, 2),
-            "decode_tps": round(statistics.median((s[2] - 1) / s[1] for s in samples if s[1] > 0), 1),
+    """Medians, with the lowest and highest run (the spread says how much load moved them)."""
+    ttft = [s[0] * 1000 for s in samples]
+    tps = [(s[2] - 1) / s[1] for s in samples if s[1] > 0]
+    return {"ttft_ms": round(statistics.median(ttft), 2), "ttft_ms_range": [round(min(ttft), 1), round(max(ttft), 1)],
+            "decode_tps": round(statistics.median(tps), 1), "decode_tps_range": [round(min(tps), 1), round(max(tps), 1)],
             "tokens": samples[0][2], "runs": len(samples)}
 
 
@@ -240,6 +243,42 @@ def relayed_generation(runs: int, tokens: int, real_tokens: int, rate: float, mo
     return out
 
 
+def lab_relayed_generation(lab: NatLab, tmp: Path, entry, runs: int, tokens: int, rate: float) -> dict:
+    """The same comparison across the namespace lab: a requester behind one home router gets
+    generations from a synthetic node behind another (no direct path: through the entry's
+    relay, over the node's advertised circuit) and from an identical node on a public address
+    (dialled directly), interleaved (tests/netns/relay_peer.py `call`)."""
+    node_home, peer_home = lab.add_home(), lab.add_home()
+    pub_ns, pub_ip = lab.add_public_host(2)
+    rate_args = ("--synthetic-rate", str(rate))
+    natted = start_node(lab, tmp, "gen-nat", node_home, entry.p2p, extra=rate_args)
+    public = start_node(lab, tmp, "gen-pub", pub_ns, entry.p2p, listen=pub_ip, extra=(*rate_args, "--port", "4200"))
+    circuit = f"/ip4/{lab.pub_ip}/tcp/4001/p2p/{entry.peer_id}/p2p-circuit"
+    wait_until(lambda: node_status(natted).get("advertised_addrs") == [circuit], 60, "the NAT'd node's relay slot")
+    sha = node_status(natted)["model"]["sha256"]
+    direct = f"/ip4/{pub_ip}/tcp/4200"
+    p = subprocess.Popen(["ip", "netns", "exec", peer_home.ns, sys.executable, str(REPO / "tests/netns/relay_peer.py"),
+                          "--bootstrap", entry.p2p, "call", "--model", sha, "--runs", str(runs), "--tokens", str(tokens),
+                          f"{natted.peer_id}={circuit}", f"{public.peer_id}={direct}"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lab.extra_procs.append(p)
+    out_text, err = p.communicate(timeout=600)
+    if p.returncode != 0 or not out_text.strip():
+        raise RuntimeError(f"relay_peer call failed:\n{err[-3000:]}")
+    results = json.loads(out_text.strip().splitlines()[-1])["results"]
+    out: dict = {}
+    for name, node, kind in (("relayed", natted, "relayed"), ("direct", public, "direct")):
+        r = results[node.peer_id]
+        if not r["conn"] or any(c["type"] != kind for c in r["conn"]):
+            raise RuntimeError(f"the {name} path ran over {r['conn']}")
+        out[name] = _summary(list(zip(r["ttft_s"], r["decode_s"], r["n"])))
+    out["relayed_decode_vs_direct"] = round(out["relayed"]["decode_tps"] / out["direct"]["decode_tps"], 3)
+    out["relayed_ttft_added_ms"] = round(out["relayed"]["ttft_ms"] - out["direct"]["ttft_ms"], 2)
+    natted.stop()
+    public.stop()
+    return out
+
+
 def _local_public_ip() -> str | None:
     from transport.addrs import is_host_private
 
@@ -293,6 +332,8 @@ def main() -> int:
     ap.add_argument("--relay-ip", help="a local address that is not loopback/private for the relaying entry (default: "
                     f"{NETNS_RELAY_IP} on the loopback of a private user+network namespace)")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--lab-generation-only", action="store_true",
+                    help="only the relayed vs direct generation figures across the namespace lab (root)")
     args = ap.parse_args()
     import trio
 
@@ -302,6 +343,16 @@ def main() -> int:
         args.relay_ip = NETNS_RELAY_IP
     if args.generation_only:
         print(json.dumps(generation(args)))
+        return 0
+    if args.lab_generation_only:
+        lab = NatLab.create()
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix="bench-nat-"))
+            entry = start_entry(lab, tmp, "e1", lab.pub_ip, 4001)
+            res = lab_relayed_generation(lab, tmp, entry, args.gen_runs, args.gen_tokens, args.gen_rate)
+        finally:
+            lab.close()
+        print(json.dumps({"load_avg": [round(x, 2) for x in os.getloadavg()], "synthetic_rate": args.gen_rate, **res}))
         return 0
     relay = trio.run(relay_vs_direct)
     if args.relay_only:
@@ -349,6 +400,7 @@ def main() -> int:
         out["recover_after_router_reset_s"] = [round(x, 1) for x in resets]
         out["recover_after_outage_s"] = [round(x, 1) for x in outages]
         public.signal(18)
+        out["lab_generation"] = lab_relayed_generation(lab, tmp, entry, args.gen_runs, args.gen_tokens, args.gen_rate)
     finally:
         lab.close()
     print(json.dumps(out))

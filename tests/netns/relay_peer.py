@@ -5,9 +5,11 @@
     python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR dial PEER:CIRCUIT_ADDR [PEER:ADDR ...]
         opens a stream to each peer through its relayed address, one round trip each, then
         closes the first circuit and checks the others still answer; prints {"ok", ...}
-    python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR call PEER=CIRCUIT_ADDR MODEL_SHA256
-        one generation from a node daemon (/mesh/infer/1, transport/node_client.py) through its
-        relayed address; prints {"ok", "tokens", "conn": how the connection to the node runs}
+    python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR call --model SHA256 PEER=ADDR [PEER=ADDR ...]
+        generations from node daemons (/mesh/infer/1, transport/node_client.py), each reached at
+        the address given (a circuit address goes through the relay); with --runs N, N+1 rounds
+        over the targets in turn (the first a warm-up); prints {"ok", "results": {peer: {"tokens",
+        "conn": how the connection runs, "ttft_s", "decode_s", "n": per run}}}
 
 A listener exits when its stdin closes, so an aborted test leaves nothing running.
 """
@@ -69,17 +71,40 @@ def connection_facts(host, peer: str) -> list[dict]:
     return out
 
 
-async def generate(host, peer: str, addr: str, sha: str) -> dict:
+async def generate(host, peer: str, addr: str, sha: str, tokens: int, rid: str) -> tuple[float, float, int]:
+    """One generation on a new stream: (seconds to the first token, seconds after it, tokens)."""
     from protocol.messages import InferRequest, SamplingParams
     from transport.node_client import open_call
 
-    req = InferRequest("relay-peer-call", sha, "completion", SamplingParams(max_tokens=8), prompt="hello")
+    req = InferRequest(rid, sha, "completion", SamplingParams(max_tokens=tokens), prompt="hello")
+    t0 = time.perf_counter()
     call = await open_call(host, peer, [addr], req, timeout=15)
-    tokens = 0
+    first, n = None, 0
     async for chunk in call.chunks():
-        tokens += len(chunk.ids)
+        if first is None and chunk.ids:
+            first = time.perf_counter()
+        n += len(chunk.ids)
+    end = time.perf_counter()
     await call.close()
-    return {"ok": call.final is not None, "tokens": tokens, "conn": connection_facts(host, peer)}
+    if call.final is None or first is None:
+        raise RuntimeError(f"{rid}: no final frame or no token")
+    return first - t0, end - first, n
+
+
+async def generations(host, targets: list[list[str]], sha: str, runs: int, tokens: int) -> dict:
+    results: dict = {peer: {"ttft_s": [], "decode_s": [], "n": []} for peer, _ in targets}
+    for i in range(runs + 1):
+        for peer, addr in targets if i % 2 == 0 else targets[::-1]:
+            ttft, decode, n = await generate(host, peer, addr, sha, tokens, f"relay-peer-{i:04d}-{peer[-8:]}")
+            if i or not runs:
+                r = results[peer]
+                r["ttft_s"].append(ttft)
+                r["decode_s"].append(decode)
+                r["n"].append(n)
+    for peer, _ in targets:
+        results[peer]["tokens"] = results[peer]["n"][-1]
+        results[peer]["conn"] = connection_facts(host, peer)
+    return {"ok": True, "results": results}
 
 
 async def main() -> None:
@@ -87,7 +112,10 @@ async def main() -> None:
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("role", choices=["listen", "dial", "call"])
     ap.add_argument("targets", nargs="*")
-    args = ap.parse_args()
+    ap.add_argument("--model", help="call: the nodes' model sha256")
+    ap.add_argument("--runs", type=int, default=0, help="call: timed rounds after a warm-up (0: one untimed round)")
+    ap.add_argument("--tokens", type=int, default=8, help="call: tokens per generation")
+    args = ap.parse_intermixed_args()
     entry = args.bootstrap.split("/p2p/")[-1]
     async with trio.open_nursery() as nursery:
         async def stdin_watch() -> None:
@@ -108,8 +136,8 @@ async def main() -> None:
                 print(json.dumps({"peer_id": host.peer_id, "addr": addr}), flush=True)
                 await trio.sleep_forever()
             if args.role == "call":
-                peer, addr = args.targets[0].split("=", 1)
-                print(json.dumps(await generate(host, peer, addr, args.targets[1])), flush=True)
+                targets = [t.split("=", 1) for t in args.targets]
+                print(json.dumps(await generations(host, targets, args.model, args.runs, args.tokens)), flush=True)
                 nursery.cancel_scope.cancel()
                 return
             targets = [t.split("=", 1) for t in args.targets]

@@ -146,14 +146,16 @@ def _relayed_call(lab, ns: str, entry, node, circuit: str, sha: str) -> dict:
     """One generation from `node` by a fresh peer in namespace `ns`, dialled over `circuit`."""
     import json
 
-    p = _peer(lab, ns, "--bootstrap", entry.p2p, "call", f"{node.peer_id}={circuit}", sha)
+    p = _peer(lab, ns, "--bootstrap", entry.p2p, "call", "--model", sha, f"{node.peer_id}={circuit}")
     try:
         out, err = p.communicate(timeout=40)
     except Exception:
         p.kill()
         out, err = p.communicate(timeout=5)
     lines = out.strip().splitlines()
-    return json.loads(lines[-1]) if lines and p.returncode == 0 else {"ok": False, "stderr": err[-2000:]}
+    if not lines or p.returncode != 0:
+        return {"ok": False, "stderr": err[-2000:]}
+    return json.loads(lines[-1])["results"][node.peer_id] | {"ok": True}
 
 
 @pytest.mark.parametrize("lost_by", ["router-reset", "relay-restart"])
