@@ -39,6 +39,10 @@ log = logging.getLogger("mesh.node")
 FLUSH_WAIT_S = 5.0
 # How often a node re-checks that it is directly reachable (a dial-back from entries).
 REACH_INTERVAL_S = 600.0
+# A node nobody can dial that holds no relay slot asks for one again after this, doubling up to
+# the maximum (see _reach_loop).
+RELAY_RETRY_MIN_S = 2.0
+RELAY_RETRY_MAX_S = 60.0
 
 
 class NodeStartError(Exception):
@@ -217,22 +221,40 @@ class NodeDaemon:
 
     async def _reach_loop(self) -> None:
         """Ask connected entries to dial us back over a new connection (transport/
-        reachability.py) at start, after every re-join, and every REACH_INTERVAL_S."""
+        reachability.py) at start, after every re-join, and every REACH_INTERVAL_S. A node
+        that is not directly reachable and holds no relay slot is reachable by nobody without
+        a connection of its own: it asks for a slot again after RELAY_RETRY_MIN_S, backing off
+        to RELAY_RETRY_MAX_S, not at the next full check. A re-join right after an entry
+        restarted finds the entry listening before its relay hop is up, and the one
+        reservation that re-join triggered was refused."""
         from transport.reachability import DIRECT
 
         first = True
+        next_full = trio.current_time() + 5.0
+        slot_retry = RELAY_RETRY_MIN_S
         while not self._stopping:
-            with trio.move_on_after(5.0 if first else REACH_INTERVAL_S):
+            need_slot = not first and self.reach.state != DIRECT and not self.reach.relayed
+            with trio.move_on_at(min(next_full, trio.current_time() + slot_retry) if need_slot else next_full):
                 await self._reach_due.wait()
+            full = self._reach_due.is_set() or trio.current_time() >= next_full
             self._reach_due = trio.Event()
             peers = [lk.peer_id for lk in self.links.connected()][:3] if self.links else []
             if not peers:
+                if full:
+                    next_full = trio.current_time() + 5.0
                 continue
-            first = False
             before = (self.reach.state, self.reach.advertised())
-            await self.reach.probe(peers)
-            await self.host.set_dht_server(self.reach.state == DIRECT)
+            if full:
+                first = False
+                next_full = trio.current_time() + REACH_INTERVAL_S
+                slot_retry = RELAY_RETRY_MIN_S
+                await self.reach.probe(peers)
+                await self.host.set_dht_server(self.reach.state == DIRECT)
+            elif self.reach.state != DIRECT and not self.reach.relayed:
+                log.info("asking for a relay slot again", extra={"after_s": slot_retry})
             await self._keep_relay_slot(peers)
+            if not full and not self.reach.relayed:
+                slot_retry = min(RELAY_RETRY_MAX_S, slot_retry * 2)
             if (self.reach.state, self.reach.advertised()) != before:
                 log.info("reachability", extra={"state": self.reach.state, "addrs": ",".join(self.reach.advertised())})
                 self._replicated_at = None
@@ -240,8 +262,10 @@ class NodeDaemon:
 
     async def _keep_relay_slot(self, peers: list[str]) -> None:
         """Not directly reachable: hold a relay slot at a connected entry and advertise it.
-        Re-reserved on every check (after a re-join too): py-libp2p does not renew a
-        reservation after the connection to the relay was lost."""
+        Re-reserved on every check (after a re-join too): nothing else renews it before its
+        TTL (RELAY_LIMITS.reservation_ttl) ends, and a relay that restarted has forgotten it.
+        (A lost connection alone does not end it: py-libp2p's relay keys reservations by peer
+        id, so after a router reset the old one reaches the node's new connection.)"""
         from transport.reachability import DIRECT
 
         if self.reach.state == DIRECT:

@@ -140,3 +140,68 @@ def test_natted_nodes_exchange_streams_through_a_relay_two_circuits_one_relay(la
     result = json.loads(out.strip().splitlines()[-1])
     assert result["ok"] and len(result["others_after_close"]) == 1, result
     print(f"relayed round trips (ms): {result['rtt_ms']}")
+
+
+def _relayed_call(lab, ns: str, entry, node, circuit: str, sha: str) -> dict:
+    """One generation from `node` by a fresh peer in namespace `ns`, dialled over `circuit`."""
+    import json
+
+    p = _peer(lab, ns, "--bootstrap", entry.p2p, "call", "--model", sha, f"{node.peer_id}={circuit}")
+    try:
+        out, err = p.communicate(timeout=40)
+    except Exception:
+        p.kill()
+        out, err = p.communicate(timeout=5)
+    lines = out.strip().splitlines()
+    if not lines or p.returncode != 0:
+        return {"ok": False, "stderr": err[-2000:]}
+    return json.loads(lines[-1])["results"][node.peer_id] | {"ok": True}
+
+
+@pytest.mark.parametrize("lost_by", ["router-reset", "relay-restart"])
+def test_relay_slot_re_reserved_after_the_link_to_the_relay_was_lost(lab, tmp_path, lost_by):
+    """The node's connection to the entry that relays for it dies: its router forgets its NAT
+    state, or the entry restarts (same identity and port). The node re-joins and reserves its
+    slot again; a peer behind another NAT, with no connection to the node, then gets a
+    generation over the advertised circuit address, and its connection to the node runs
+    through the relay (the socket under it ends at the entry).
+
+    py-libp2p's relay keys a reservation by peer id for its TTL (1 h), not by connection: after
+    a router reset the old reservation still routes to the node's new connection. A restarted
+    relay has forgotten every reservation, so there only the node's re-reservation
+    (node/daemon.py _keep_relay_slot, run after a re-join, and again every few seconds while
+    refused: the node often re-joins before the restarted entry's relay hop is up) brings the
+    circuit back; without it this case fails."""
+    import shutil
+
+    node_home, peer_home = lab.add_home(), lab.add_home()
+    e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
+    node = start_node(lab, tmp_path, "n1", node_home, e1.p2p)
+    ctx = lambda: logs(e1.proc, node) + "\n" + node_home.mappings()  # noqa: E731
+    circuit = f"/ip4/{lab.pub_ip}/tcp/4001/p2p/{e1.peer_id}/p2p-circuit"
+    wait_until(lambda: node_status(node).get("advertised_addrs") == [circuit], 30, "the relay slot advertised", context=ctx)
+    st = node_status(node)
+    sha, rejoins = st["model"]["sha256"], st["entry_links"]["rejoins"]
+
+    if lost_by == "router-reset":
+        node_home.router_reset()
+    else:
+        e1.proc.stop()
+        shutil.copy(e1.proc.log_path, tmp_path / "e1-before-restart.log")
+        restarted = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)  # same state dir: same key
+        assert restarted.peer_id == e1.peer_id
+        e1 = restarted
+    wait_until(lambda: node_status(node).get("entry_links", {}).get("rejoins", 0) > rejoins, 40,
+               "the node re-joining", context=ctx)
+    result: dict = {}
+
+    def served() -> bool:
+        nonlocal result
+        result = _relayed_call(lab, peer_home.ns, e1, node, circuit, sha)
+        return bool(result.get("ok"))
+
+    took = wait_until(served, 30, "a generation through the relay", step=1.0, context=lambda: f"{result}\n{ctx()}")
+    assert result["tokens"] > 0, result
+    conns = result["conn"]
+    assert conns and all(c["type"] == "relayed" and c["remote"] and c["remote"][0] == lab.pub_ip for c in conns), result
+    print(f"{lost_by}: relayed generation {took:.1f}s after the re-join, over {conns}")
