@@ -4,8 +4,10 @@ Why this design: a routing decision must cost a few milliseconds on a CPU and mu
 working on prompts unlike the training tables, so the router is an average of three
 small, differently-biased predictors over local text features (:mod:`routing.features`):
 
-* ``linear`` -- per-model ridge regression of the score on sparse word TF-IDF and
-  format features (as good as logistic regression in CV, and 20x faster to fit);
+* ``linear`` -- per-model ridge regression of the score on sparse word TF-IDF, format
+  and question-shape features (answer options, negation, numbers, passage length: see
+  :mod:`routing.features`); the words say which models know a field, the shape how
+  hard a question of it is to answer;
 * ``neighbours`` -- similarity-weighted mean score of the k most similar training
   prompts (cosine over the SVD embedding), shrunk towards the model's global mean;
 * ``clusters`` -- the Avengers idea: KMeans clusters of the embedding, each with its
@@ -14,6 +16,24 @@ small, differently-biased predictors over local text features (:mod:`routing.fea
 Averaging them was better in 5-fold cross-validation than any one alone, and none of them
 reads a prompt's ``task``: the router only ever sees text. A model missing from some
 training rows is fitted on the rows that score it.
+
+What else was tried (5-fold CV on both shared tables, two fold seeds; cost_at_95 moves
+by up to 0.025 on MMLU between fold seeds, so only larger changes count) and left out,
+because no idea moved MMLU's cost_at_95 out of 0.44-0.47 and none helped both tables:
+logistic regression ("which models are right", soft labels for fractional scores, in
+place of or beside ridge: the same within noise, 3x slower to fit on nine models); for
+the two MMLU models, a joint four-outcome classifier (P(only the strong one right) -
+P(only the weak one right); within noise, and it does not extend to nine models) and a
+direct classifier of "only the strong one is right" (worse: 0.51);
+hashed character n-grams (char_wb 2-5: no better, ~20x slower to fit); IDF statistics
+of the words (obscure words, names, years: no better); histogram gradient boosting on
+the SVD embedding plus format and shape features (at most 0.01 better in the average,
+but 30-140 s to fit a fold on a loaded 2-core host, over the one-minute budget); weights for the
+three predictors other than equal (even weights picked on the test folds themselves
+gained < 0.015: a stacking fit cannot gain more); other neighbour counts, similarity
+powers and priors. The per-prompt oracle is at 0.10: what separates a question the
+strong model alone answers from one both or neither answer is mostly not in these
+surface features.
 
 Choosing (:class:`Policy`): the cheapest candidate whose predicted quality is at least
 ``tolerance`` times the best predicted quality; or the best predicted quality among
@@ -57,7 +77,7 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 _FORMAT = "inference-mesh-router"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: question-shape features in the sparse view (v1 files lack them)
 
 
 class RoutingError(ValueError):

@@ -171,3 +171,17 @@ def test_fit_router_from_files(tmp_path: Path) -> None:
                       ' "big": {"input_per_mtok": 10, "output_per_mtok": 10}}')
     r = fit_router(table, prices)
     assert r.prices == PRICES and r.n_train == 80
+
+
+def test_a_router_file_of_an_older_format_is_refused_clearly(router: Router, tmp_path: Path) -> None:
+    """Version 1 files predate the question-shape features: their featurizer would fail
+    mid-decision, so loading says to refit instead."""
+    import pickle
+
+    import routing.router as rr
+
+    p = tmp_path / "old.pkl"
+    p.write_bytes(pickle.dumps({"format": "inference-mesh-router", "version": 1, "router": router}))
+    assert rr._FORMAT_VERSION == 2
+    with pytest.raises(RoutingError, match=r"router format version 1, expected 2: refit it"):
+        load_router(p)
