@@ -139,5 +139,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     links = s.get("entry_links")
     if links:
         lines.append(f"entries  {links['connected']}/{links['entries']} connected (re-joined the mesh {links['rejoins']} times)")
+    conns = s.get("connections")
+    if conns:
+        relayed = f" ({', '.join(conns['relayed_peers'])})" if conns["relayed_peers"] else ""
+        lines.append(f"peers    {conns['direct']} direct, {conns['relayed']} through a relay{relayed}")
     print("\n".join(lines))
     return 0

@@ -15,7 +15,12 @@ What py-libp2p 0.8.1 lacks, and what stands in for it here:
 - closing one circuit through a relay closed another circuit from the same source through the
   same relay (its bookkeeping is keyed by peer): patches.fix_circuit_bookkeeping;
 - the default limits allow 4 reservations per relay, and the per-IP limits in RelayConfig are
-  never enforced: RELAY_LIMITS replaces the former, _PerIpReservations enforces the latter.
+  never enforced: RELAY_LIMITS replaces the former, _PerIpReservations enforces the latter;
+- the receiving end tags an inbound circuit /p2p/<itself>/p2p-circuit/p2p/<source> (it puts
+  its own id where the relay's belongs), and its DCUtR service (relay/circuit_v2/dcutr.py)
+  drives upgrades from both ends at once, predicts addresses nobody can use and never learns a
+  NAT'd host's external IP: transport/dcutr.py lists each gap and its replacement. Upgrades
+  start from handle_incoming_connection (wrapped below), on the side the circuit came in on.
 """
 
 from __future__ import annotations

@@ -108,6 +108,8 @@ def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
     assert st["reachability"]["state"] == "relayed" and st["reachability"]["direct_addrs"] == [], st
     assert st["advertised_addrs"] == [f"/ip4/{lab.pub_ip}/tcp/4001/p2p/{e1.peer_id}/p2p-circuit"], st
     assert st["reachability"]["observed"] == [f"/ip4/{home.wan_ip}"] and st["dht_server"] is False, st
+    # Its connections (to the entry, which it dialled) are direct ones, none through a relay.
+    assert st["connections"]["direct"] >= 1 and st["connections"]["relayed"] == 0, st
     st = checked(public)
     direct = f"/ip4/{public_ip}/tcp/4100"
     assert st["reachability"]["state"] == "direct" and st["advertised_addrs"] == [direct], st
