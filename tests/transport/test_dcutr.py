@@ -100,6 +100,14 @@ async def test_failed_upgrade_is_bounded_logged_once_and_stays_relayed(caplog):
 
             up._reversal, up._initiate_hole_punch_locked = no_reversal, counted
             ra, rb, circuit = await _relayed_pair(nursery, relay_host, a, b, b_upgrade=up)
+            a_sessions = []
+
+            async def a_counted(peer):
+                a_sessions.append(peer)
+                return False
+
+            # Upstream's auto-drive loop had both ends initiate; here only the receiving end does.
+            ra.upgrade._initiate_hole_punch_locked = a_counted
 
             async def nothing_to_punch():
                 return []  # as behind a symmetric NAT: no address the other side could reach
@@ -109,10 +117,46 @@ async def test_failed_upgrade_is_bounded_logged_once_and_stays_relayed(caplog):
             await wait_for(lambda: a.peer_id in up.outcomes, 20, "the upgrade's outcome")
             assert up.outcomes[a.peer_id] == {"result": RELAYED, "via": None, "attempts": 3}
             assert len(sessions) == 3
-            await trio.sleep(1.0)  # nothing more is tried
-            assert len(sessions) == 3
+            await trio.sleep(2.5)  # nothing more is tried (upstream's loop went round every 2 s)
+            assert len(sessions) == 3 and a_sessions == []
             failed = [r for r in caplog.records if r.getMessage().startswith("direct connection upgrade failed")]
             assert len(failed) == 1 and failed[0].attempts == 3
             assert a.connection_kind(b.peer_id) == RELAYED and b.connection_summary()["relayed_peers"] == [a.peer_id[-8:]]
             await round_trip(a, b.peer_id)  # the relayed connection still carries streams
+            # py-libp2p 0.8.1 tags the receiving end's circuit with its own id where the relay's
+            # belongs, which upstream DCUtR's relay-address filter trips over (transport/dcutr.py).
+            tags = [str(x) for c in b.connections(a.peer_id) for x in c.get_transport_addresses()]
+            assert tags == [f"/p2p/{b.peer_id}/p2p-circuit/p2p/{a.peer_id}"], tags
             nursery.cancel_scope.cancel()
+
+
+async def test_upstream_dcutr_announces_nothing_for_a_natted_host_ours_its_observed_ip():
+    """py-libp2p 0.8.1: ObservedAddrManager keeps no observation from an outbound connection
+    (its local port is no listen port), and DCUtRProtocol reads our listen port from
+    get_addrs(), which in a public mesh lists advertised addresses only: its CONNECT message
+    named no address at all. MeshHost records identify's observed IP itself; DirectUpgrade
+    announces that IP with the attempt's own port."""
+    from libp2p.peer.id import ID
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+    from transport import dcutr
+
+    with trio.fail_after(30):
+        async with open_mesh_host(Identity.generate(), listen_host="0.0.0.0", private=False) as b, \
+                open_mesh_host(Identity.generate(), listen_host="0.0.0.0", private=False) as a:
+            port = Multiaddr(b.listen_addrs[0]).value_for_protocol("tcp")
+            # A public mesh dials no loopback address by itself: dial it underneath the gate.
+            await a._swarm.dial_addr(Multiaddr(f"/ip4/127.0.0.1/tcp/{port}"), ID.from_base58(b.peer_id))
+            await wait_for(lambda: a.observed_ips, 10, "identify's observed address")
+            assert a.observed_ips == ["127.0.0.1"]
+            assert a._host._observed_addr_manager.addrs(min_observers=1) == []  # upstream kept nothing
+            assert await DCUtRProtocol(a._host)._get_observed_addrs() == []  # so it announced nothing
+
+            a.observed_ips.insert(0, "198.51.100.11")  # as a NAT'd host's entry saw it
+            ours = DirectUpgrade(a)
+            token = dcutr._PUNCH_PORT.set(40123)
+            try:
+                announced = [str(Multiaddr(x)) for x in await ours._get_observed_addrs()]
+            finally:
+                dcutr._PUNCH_PORT.reset(token)
+            assert announced == ["/ip4/198.51.100.11/tcp/40123"]  # loopback is no address for a public mesh
