@@ -10,7 +10,8 @@ says) tries once to replace it by a direct one:
    both dial each other at once from those ports; with endpoint-independent, port-preserving
    NATs on both sides the two SYNs meet as a TCP simultaneous open.
 At most ATTEMPTS attempts, BACKOFF_S apart (doubling), then the relayed connection stays and
-carries the traffic; the outcome is logged once. New streams prefer the direct connection
+carries the traffic; the outcome is logged once, and a reconnect within RETRY_AFTER_FAILURE_S
+tries nothing. New streams prefer the direct connection
 (the swarm ranks direct above relayed); the relayed one is closed after GRACE_S.
 
 What py-libp2p 0.8.1's DCUtRProtocol gets wrong for us, and what this subclass does instead:
@@ -42,6 +43,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 import trio
@@ -62,6 +64,9 @@ DIAL_TIMEOUT_S = 5
 IDENTIFY_WAIT_S = 2.0
 GRACE_S = 30.0  # streams already on the relayed connection finish meanwhile
 MAX_PUNCH_ADDRS = 4  # what we dial, and at most what we announce
+# After a failed upgrade, a new relayed connection from the same peer (a reconnect) starts no
+# new one for this long: what failed (a symmetric NAT) rarely changes in minutes.
+RETRY_AFTER_FAILURE_S = 600.0
 
 DIRECT = "direct"
 RELAYED = "relayed"
@@ -126,6 +131,7 @@ class DirectUpgrade(DCUtRProtocol):
 
     def __init__(self, mesh, *, attempts: int = ATTEMPTS, backoff: float = BACKOFF_S, round_s: float = ROUND_S,
                  grace: float = GRACE_S, identify_wait: float = IDENTIFY_WAIT_S,
+                 retry_after_failure: float = RETRY_AFTER_FAILURE_S,
                  on_outcome: Callable[[str, dict], None] | None = None):
         super().__init__(mesh._host, dial_timeout=DIAL_TIMEOUT_S)
         self.mesh = mesh
@@ -135,6 +141,8 @@ class DirectUpgrade(DCUtRProtocol):
         self.grace = grace
         self.identify_wait = identify_wait
         self.on_outcome = on_outcome
+        self.retry_after_failure = retry_after_failure
+        self._failed_at: dict[ID, float] = {}
         self.outcomes: dict[str, dict] = {}  # peer id -> the last upgrade's result, for status
         self._running: set[ID] = set()
 
@@ -159,6 +167,9 @@ class DirectUpgrade(DCUtRProtocol):
     def relayed_inbound(self, peer: ID) -> None:
         """A relayed connection from `peer` came in: try to replace it (in the background)."""
         if self._nursery is None or peer in self._running or self.mesh.connection_kind(peer.to_base58()) == DIRECT:
+            return
+        failed = self._failed_at.get(peer)
+        if failed is not None and time.monotonic() - failed < self.retry_after_failure:
             return
         self._running.add(peer)
         self._nursery.start_soon(self._upgrade, peer)
@@ -188,6 +199,9 @@ class DirectUpgrade(DCUtRProtocol):
             # Once per relayed connection: a symmetric NAT (a random port per destination)
             # can't be punched, and trying again would only cost the relay more traffic.
             log.info("direct connection upgrade failed: staying relayed", extra={"peer": pid[-8:], **result})
+            self._failed_at[peer] = time.monotonic()
+            for p in [p for p, t in self._failed_at.items() if time.monotonic() - t >= self.retry_after_failure]:
+                del self._failed_at[p]
         self.outcomes[pid] = result
         if self.on_outcome is not None:
             self.on_outcome(pid, result)

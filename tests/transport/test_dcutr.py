@@ -82,6 +82,8 @@ async def test_relayed_connection_is_reversed_to_direct_and_the_circuit_closed()
 
 
 async def test_failed_upgrade_is_bounded_logged_once_and_stays_relayed(caplog):
+    from libp2p.peer.id import ID
+
     caplog.set_level(logging.INFO, logger="mesh.dcutr")
     with trio.fail_after(60):
         async with open_mesh_host(Identity.generate()) as relay_host, open_mesh_host(Identity.generate()) as a, \
@@ -119,6 +121,9 @@ async def test_failed_upgrade_is_bounded_logged_once_and_stays_relayed(caplog):
             assert len(sessions) == 3
             await trio.sleep(2.5)  # nothing more is tried (upstream's loop went round every 2 s)
             assert len(sessions) == 3 and a_sessions == []
+            up.relayed_inbound(ID.from_base58(a.peer_id))  # as if a reconnected through the relay
+            await trio.sleep(0.5)
+            assert len(sessions) == 3  # a recent failure: not tried again yet
             failed = [r for r in caplog.records if r.getMessage().startswith("direct connection upgrade failed")]
             assert len(failed) == 1 and failed[0].attempts == 3
             assert a.connection_kind(b.peer_id) == RELAYED and b.connection_summary()["relayed_peers"] == [a.peer_id[-8:]]
