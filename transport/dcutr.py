@@ -11,13 +11,16 @@ says) tries once to replace it by a direct one:
    NATs on both sides the two SYNs meet as a TCP simultaneous open.
 At most ATTEMPTS attempts, BACKOFF_S apart (doubling), then the relayed connection stays and
 carries the traffic; the outcome is logged once, and a reconnect within RETRY_AFTER_FAILURE_S
-tries nothing. New streams prefer the direct connection
-(the swarm ranks direct above relayed); the relayed one is closed after GRACE_S.
+tries nothing. New streams prefer the direct connection (the swarm ranks direct above
+relayed); the relayed one is closed after GRACE_S.
+A hole punch needs NATs that keep the local port (most home routers do, when it is free): the
+port is predicted, not observed. One that maps to another port, the same for every
+destination, could be punched with the port a peer observed; not done here.
 
 What py-libp2p 0.8.1's DCUtRProtocol gets wrong for us, and what this subclass does instead:
 - its auto-drive loop polls every connection every 2 s and both ends initiate, so two sessions
-  run against each other (their dials collide on the same 4-tuple); its attempt budget is reset
-  whenever any connection to the peer closes. Here only the receiving side initiates, once per
+  run against each other (each end dials in both handshake roles), and its attempt budget is
+  reset whenever any connection to the peer closes, so a peer that reconnects is punched anew. Here only the receiving side initiates, once per
   relayed connection, from the relay's STOP handler (MeshRelay wraps handle_incoming_connection);
 - it predicts our external address as "observed IP + a listen port" and dials from the listen
   port, which needs SO_REUSEPORT on the listener (transport/patches.py removes it: two hosts
@@ -33,8 +36,9 @@ What py-libp2p 0.8.1's DCUtRProtocol gets wrong for us, and what this subclass d
   tags the circuit with our own id as the relay), then re-adds everything in the peerstore,
   stale and private addresses included; here the peer's CONNECT addresses are dialled, public
   only in a public mesh, at most MAX_PUNCH_ADDRS;
-- its unilateral (reversal) dial runs before identify over the new relayed connection finished,
-  so it usually had no address to dial: it waits for identify here (IDENTIFY_WAIT_S);
+- its unilateral (reversal) dial reads the peer's addresses from the peerstore at once; started
+  as the relayed connection opens (as here), identify over it has not answered yet and there is
+  nothing to dial: _reversal waits for identify first (at most IDENTIFY_WAIT_S);
 - a successful reversal never closed the relayed connection (only a hole punch did); both do.
 """
 

@@ -18,8 +18,8 @@ What py-libp2p 0.8.1 lacks, and what stands in for it here:
   never enforced: RELAY_LIMITS replaces the former, _PerIpReservations enforces the latter;
 - the receiving end tags an inbound circuit /p2p/<itself>/p2p-circuit/p2p/<source> (it puts
   its own id where the relay's belongs), and its DCUtR service (relay/circuit_v2/dcutr.py)
-  drives upgrades from both ends at once, predicts addresses nobody can use and never learns a
-  NAT'd host's external IP: transport/dcutr.py lists each gap and its replacement. Upgrades
+  drives upgrades from both ends at once and, for a NAT'd host in a public mesh, announces no
+  address at all: transport/dcutr.py lists each gap and its replacement. Upgrades
   start from handle_incoming_connection (wrapped below), on the side the circuit came in on.
 """
 
