@@ -65,7 +65,7 @@ ATTEMPTS = 3  # the spec's "retry twice"
 BACKOFF_S = 2.0  # before the 2nd attempt; doubled before the 3rd
 ROUND_S = 5.0  # one attempt's dials
 DIAL_TIMEOUT_S = 5
-IDENTIFY_WAIT_S = 2.0
+IDENTIFY_WAIT_S = 5.0  # a bound: identify over the new relayed connection usually answers in ms
 GRACE_S = 30.0  # streams already on the relayed connection finish meanwhile
 MAX_PUNCH_ADDRS = 4  # what we dial, and at most what we announce
 # After a failed upgrade, a new relayed connection from the same peer (a reconnect) starts no

@@ -80,3 +80,4 @@ def test_symmetric_nat_stays_relayed_after_bounded_attempts(lab, tmp_path):
     except queue.Empty:
         extra = None
     assert extra is None, extra
+    print(f"stayed relayed after 3 attempts; round trip {result['rtt_ms_after']} ms through the relay")
