@@ -12,7 +12,7 @@ says) tries once to replace it by a direct one:
 At most ATTEMPTS attempts, BACKOFF_S apart (doubling), then the relayed connection stays and
 carries the traffic; the outcome is logged once, and a reconnect within RETRY_AFTER_FAILURE_S
 tries nothing. New streams prefer the direct connection (the swarm ranks direct above
-relayed); the relayed one is closed after GRACE_S.
+relayed); the relayed one is closed GRACE_S later, once the streams on it have ended.
 A hole punch needs NATs that keep the local port (most home routers do, when it is free): the
 port is predicted, not observed. One that maps to another port, the same for every
 destination, could be punched with the port a peer observed; not done here.
@@ -66,7 +66,8 @@ BACKOFF_S = 2.0  # before the 2nd attempt; doubled before the 3rd
 ROUND_S = 5.0  # one attempt's dials
 DIAL_TIMEOUT_S = 5
 IDENTIFY_WAIT_S = 5.0  # a bound: identify over the new relayed connection usually answers in ms
-GRACE_S = 30.0  # streams already on the relayed connection finish meanwhile
+GRACE_S = 30.0  # before the relayed connection is closed (once its streams ended)
+DRAIN_MAX_S = 600.0  # after the grace, streams still on it are cut
 MAX_PUNCH_ADDRS = 4  # what we dial, and at most what we announce
 # After a failed upgrade, a new relayed connection from the same peer (a reconnect) starts no
 # new one for this long: what failed (a symmetric NAT) rarely changes in minutes.
@@ -120,6 +121,19 @@ def conn_remote(conn) -> str | None:
         return None
 
 
+def _user_streams(conn) -> list:
+    """The connection's open streams, less DCUtR's own (the session that upgraded it may
+    still be closing)."""
+    out = []
+    try:
+        for st in conn.get_streams():
+            if st.get_protocol() != DCUTR_PROTOCOL_ID:
+                out.append(st)
+    except Exception:
+        pass
+    return out
+
+
 def _reserve_port() -> socket.socket:
     # Bound, never listening: it only keeps the port ours while the attempt dials from it
     # (py-libp2p's dial sockets bind the same port with SO_REUSEADDR, as does this one).
@@ -135,7 +149,7 @@ class DirectUpgrade(DCUtRProtocol):
 
     def __init__(self, mesh, *, attempts: int = ATTEMPTS, backoff: float = BACKOFF_S, round_s: float = ROUND_S,
                  grace: float = GRACE_S, identify_wait: float = IDENTIFY_WAIT_S,
-                 retry_after_failure: float = RETRY_AFTER_FAILURE_S,
+                 retry_after_failure: float = RETRY_AFTER_FAILURE_S, drain_max: float = DRAIN_MAX_S,
                  on_outcome: Callable[[str, dict], None] | None = None):
         super().__init__(mesh._host, dial_timeout=DIAL_TIMEOUT_S)
         self.mesh = mesh
@@ -146,6 +160,7 @@ class DirectUpgrade(DCUtRProtocol):
         self.identify_wait = identify_wait
         self.on_outcome = on_outcome
         self.retry_after_failure = retry_after_failure
+        self.drain_max = drain_max
         self._failed_at: dict[ID, float] = {}
         self.outcomes: dict[str, dict] = {}  # peer id -> the last upgrade's result, for status
         self._running: set[ID] = set()
@@ -256,17 +271,27 @@ class DirectUpgrade(DCUtRProtocol):
         return None  # _upgrade closes it, after either kind of upgrade, on the initiating side
 
     async def _close_relayed_after_grace(self, peer: ID) -> None:
+        # New streams already take the direct connection. The relayed one goes once the
+        # streams still on it have ended (a generation in flight would otherwise fail over),
+        # or DRAIN_MAX_S after the grace at the latest (a stream that never ends by itself).
         await trio.sleep(self.grace)
         pid = peer.to_base58()
-        if self.mesh.connection_kind(pid) != DIRECT:
-            return  # the direct connection died meanwhile: the relayed one is all there is
-        for conn in self.mesh.connections(pid):
-            if conn_kind(conn) == RELAYED:
-                log.info("relayed connection closed after direct upgrade", extra={"peer": pid[-8:]})
-                try:
-                    await conn.close()
-                except Exception:
-                    log.debug("closing a relayed connection failed", exc_info=True)
+        deadline = trio.current_time() + self.drain_max
+        while True:
+            if self.mesh.connection_kind(pid) != DIRECT:
+                return  # the direct connection died meanwhile: the relayed one is all there is
+            relayed = [c for c in self.mesh.connections(pid) if conn_kind(c) == RELAYED]
+            busy = [c for c in relayed if _user_streams(c)]
+            if not busy or trio.current_time() >= deadline:
+                break
+            await trio.sleep(0.5)
+        for conn in relayed:
+            log.info("relayed connection closed after direct upgrade",
+                     extra={"peer": pid[-8:], "streams_cut": len(_user_streams(conn))})
+            try:
+                await conn.close()
+            except Exception:
+                log.debug("closing a relayed connection failed", exc_info=True)
 
     # -- connection reversal ---------------------------------------------------------------
 

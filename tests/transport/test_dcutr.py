@@ -60,10 +60,13 @@ async def test_relayed_connection_is_reversed_to_direct_and_the_circuit_closed()
                 open_mesh_host(Identity.generate()) as b, trio.open_nursery() as nursery:
             up = DirectUpgrade(b, grace=0.5)
             _, rb, circuit = await _relayed_pair(nursery, relay_host, a, b, b_upgrade=up)
-            await round_trip(a, b.peer_id, [circuit])  # through the relay: b has no other address here
+            # A stream through the relay (b has no other address here), kept open across the upgrade.
+            held = await a.open_stream(b.peer_id, ECHO, [circuit])
+            await FrameWriter(held).write_frame({"x": 1})
+            assert (await FrameReader(held).read_frame())["echo"] == {"x": 1}
             await wait_for(lambda: a.peer_id in up.outcomes, 15, "the upgrade's outcome")
-            assert a.connection_kind(b.peer_id) == DIRECT
             assert up.outcomes[a.peer_id]["result"] == DIRECT and up.outcomes[a.peer_id]["via"] == "reversal"
+            assert a.connection_kind(b.peer_id) == DIRECT
             # b dialled a's listen address: the direct connection's far end is a's listener.
             a_port = Multiaddr(a.listen_addrs[0]).value_for_protocol("tcp")
             assert [conn_remote(c) for c in b.connections(a.peer_id) if conn_kind(c) == DIRECT] == [f"127.0.0.1:{a_port}"]
@@ -73,7 +76,13 @@ async def test_relayed_connection_is_reversed_to_direct_and_the_circuit_closed()
             carrier = [c for c in a.connections(b.peer_id) if s._raw in c.get_streams()]
             assert [conn_kind(c) for c in carrier] == [DIRECT]
             await s.close()
-            # After the grace period only the direct connection is left, on both ends.
+            # Past the grace period the circuit stays while a stream on it is open, and still works.
+            await trio.sleep(1.5)
+            assert sorted(conn_kind(c) for c in a.connections(b.peer_id)) == [DIRECT, RELAYED]
+            await FrameWriter(held).write_frame({"x": 2})
+            assert (await FrameReader(held).read_frame())["echo"] == {"x": 2}
+            await held.close()
+            # Once it ended only the direct connection is left, on both ends.
             await wait_for(lambda: all(conn_kind(c) == DIRECT for c in a.connections(b.peer_id))
                            and all(conn_kind(c) == DIRECT for c in b.connections(a.peer_id)), 10, "the circuit closed")
             await round_trip(a, b.peer_id)
