@@ -89,20 +89,19 @@ def logs(*procs: NodeProc, tail: int = 2500) -> str:
     return "\n".join(f"--- {p.state_dir.name} ---\n{p.log()[-tail:]}" for p in procs)
 
 
-def relay_peer(lab: NatLab, ns: str, *args: str) -> subprocess.Popen:
+def relay_peer(lab: NatLab, ns: str, *args: str, log_dir: Path) -> subprocess.Popen:
     """tests/netns/relay_peer.py inside namespace `ns` (killed by lab.close()); its stdout
     lines are collected by a thread, for read_json_line(); its log goes to a file (a pipe
     nobody drains would block it), p.log() reads it."""
     import queue
-    import tempfile
     import threading
 
-    log = tempfile.NamedTemporaryFile("w+", prefix="relay_peer-", suffix=".log", delete=False)
-    p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(REPO / "tests/netns/relay_peer.py"), *args],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-    log.close()
+    path = log_dir / f"relay_peer-{len(lab.extra_procs)}.log"
+    with open(path, "w") as log:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(REPO / "tests/netns/relay_peer.py"), *args],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
     lab.extra_procs.append(p)
-    p.log = lambda tail=3000: Path(log.name).read_text(errors="replace")[-tail:]
+    p.log = lambda tail=3000: path.read_text(errors="replace")[-tail:]
     p.lines = queue.Queue()
 
     def pump() -> None:

@@ -14,16 +14,16 @@ GRACE_S = 3.0  # the relayed connection's grace period after an upgrade, in thes
 WAIT_S = 40.0  # how long the dialer waits for a direct connection (3 attempts take ~25 s)
 
 
-def _listener(lab, ns: str, entry, *extra: str):
-    p = relay_peer(lab, ns, "--bootstrap", entry.p2p, "--grace", str(GRACE_S), *extra, "listen")
+def _listener(lab, tmp_path, ns: str, entry, *extra: str):
+    p = relay_peer(lab, ns, "--bootstrap", entry.p2p, "--grace", str(GRACE_S), *extra, "listen", log_dir=tmp_path)
     info = read_json_line(p, "the listener's relayed address")
     assert info["addr"] and info["addr"].endswith("/p2p-circuit"), info
     return p, info
 
 
-def _dial(lab, ns: str, entry, info, *extra: str) -> dict:
+def _dial(lab, tmp_path, ns: str, entry, info, *extra: str) -> dict:
     p = relay_peer(lab, ns, "--bootstrap", entry.p2p, *extra, "--wait-direct", str(WAIT_S), "dial",
-                   f"{info['peer_id']}={info['addr']}")
+                   f"{info['peer_id']}={info['addr']}", log_dir=tmp_path)
     result = read_json_line(p, "the dialer's result", timeout=2 * WAIT_S + 60)
     assert result["ok"], result
     return result
@@ -35,8 +35,8 @@ def test_two_natted_peers_punch_a_direct_connection(lab, tmp_path):
     address, not the relay), new streams take it, and the circuit is closed after the grace."""
     h1, h2 = lab.add_home(), lab.add_home()
     e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
-    listener, info = _listener(lab, h1.ns, e1)
-    result = _dial(lab, h2.ns, e1, info)
+    listener, info = _listener(lab, tmp_path, h1.ns, e1)
+    result = _dial(lab, tmp_path, h2.ns, e1, info)
     assert result["kind_first"] == "relayed", result
     assert result["kind"] == "direct" and result["remote"].startswith(f"{h1.wan_ip}:"), result
     assert result["carrier"] == "direct" and result["relayed_closed"] is True, result
@@ -52,9 +52,9 @@ def test_natted_peer_reverses_a_relayed_connection_to_a_public_peer(lab, tmp_pat
     directly (connection reversal) and the connection ends up direct."""
     home = lab.add_home()
     e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
-    listener, info = _listener(lab, home.ns, e1)
+    listener, info = _listener(lab, tmp_path, home.ns, e1)
     public_ns, public_ip = lab.add_public_host(1)
-    result = _dial(lab, public_ns, e1, info, "--listen-host", public_ip)
+    result = _dial(lab, tmp_path, public_ns, e1, info, "--listen-host", public_ip)
     assert result["kind"] == "direct" and result["remote"].startswith(f"{home.wan_ip}:"), result
     assert result["carrier"] == "direct" and result["relayed_closed"] is True, result
     outcome = read_json_line(listener, "the listener's upgrade outcome")["upgrade"]
@@ -67,8 +67,8 @@ def test_symmetric_nat_stays_relayed_after_bounded_attempts(lab, tmp_path):
     listener tries 3 times, reports it once, and the relayed connection keeps carrying streams."""
     h1, h2 = lab.add_home(symmetric=True), lab.add_home()
     e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
-    listener, info = _listener(lab, h1.ns, e1)
-    result = _dial(lab, h2.ns, e1, info)
+    listener, info = _listener(lab, tmp_path, h1.ns, e1)
+    result = _dial(lab, tmp_path, h2.ns, e1, info)
     assert result["kind"] == "relayed" and result["remote"] is None and result["carrier"] == "relayed", result
     assert result["rtt_ms_after"] > 0, result  # streams still work, through the relay
     outcome = read_json_line(listener, "the listener's upgrade outcome")["upgrade"]

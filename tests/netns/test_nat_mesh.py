@@ -128,10 +128,11 @@ def test_natted_nodes_exchange_streams_through_a_relay_two_circuits_one_relay(la
     this is about circuits; tests/netns/test_direct_upgrade.py upgrades them.)"""
     homes = [lab.add_home() for _ in range(3)]
     e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
-    listeners = [relay_peer(lab, h.ns, "--bootstrap", e1.p2p, "--no-upgrade", "listen") for h in homes[:2]]
+    listeners = [relay_peer(lab, h.ns, "--bootstrap", e1.p2p, "--no-upgrade", "listen", log_dir=tmp_path) for h in homes[:2]]
     infos = [read_json_line(p, "the listener's relayed address") for p in listeners]
     assert all(i["addr"] and i["addr"].endswith("/p2p-circuit") for i in infos), infos
-    dialer = relay_peer(lab, homes[2].ns, "--bootstrap", e1.p2p, "dial", *(f"{i['peer_id']}={i['addr']}" for i in infos))
+    dialer = relay_peer(lab, homes[2].ns, "--bootstrap", e1.p2p, "dial", *(f"{i['peer_id']}={i['addr']}" for i in infos),
+                        log_dir=tmp_path)
     result = read_json_line(dialer, "the dialer's result", timeout=90)
     assert result["ok"] and len(result["others_after_close"]) == 1, result
     print(f"relayed round trips (ms): {result['rtt_ms']}")
