@@ -73,6 +73,8 @@ MAX_PUNCH_ADDRS = 4  # what we dial, and at most what we announce
 # new one for this long: what failed (a symmetric NAT) rarely changes in minutes.
 RETRY_AFTER_FAILURE_S = 600.0
 
+MAX_OUTCOMES = 256  # peers whose last upgrade is remembered (newest)
+
 DIRECT = "direct"
 RELAYED = "relayed"
 
@@ -194,19 +196,26 @@ class DirectUpgrade(DCUtRProtocol):
         self._nursery.start_soon(self._upgrade, peer)
 
     async def _upgrade(self, peer: ID) -> None:
+        # Runs in the service's nursery: an unexpected error must end this upgrade only, not
+        # the service (and with it the host's relay).
+        try:
+            await self._upgrade_once(peer)
+        except Exception:
+            log.exception("direct connection upgrade crashed")
+        finally:
+            self._running.discard(peer)
+
+    async def _upgrade_once(self, peer: ID) -> None:
         pid = peer.to_base58()
         tried = 0
         how = None
-        try:
-            how = await self._reversal(peer)
-            while how is None and tried < self.attempts and self.mesh.connection_kind(pid) == RELAYED:
-                if tried:
-                    await trio.sleep(self.backoff * 2 ** (tried - 1))
-                tried += 1
-                if await self._attempt(peer):
-                    how = "hole-punch"
-        finally:
-            self._running.discard(peer)
+        how = await self._reversal(peer)
+        while how is None and tried < self.attempts and self.mesh.connection_kind(pid) == RELAYED:
+            if tried:
+                await trio.sleep(self.backoff * 2 ** (tried - 1))
+            tried += 1
+            if await self._attempt(peer):
+                how = "hole-punch"
         result = {"result": DIRECT if how else RELAYED, "via": how, "attempts": tried}
         direct = [conn_remote(c) for c in self.mesh.connections(pid) if conn_kind(c) == DIRECT]
         if how:
@@ -221,7 +230,10 @@ class DirectUpgrade(DCUtRProtocol):
             self._failed_at[peer] = time.monotonic()
             for p in [p for p, t in self._failed_at.items() if time.monotonic() - t >= self.retry_after_failure]:
                 del self._failed_at[p]
+        self.outcomes.pop(pid, None)
         self.outcomes[pid] = result
+        while len(self.outcomes) > MAX_OUTCOMES:
+            del self.outcomes[next(iter(self.outcomes))]
         if self.on_outcome is not None:
             self.on_outcome(pid, result)
 
@@ -242,7 +254,12 @@ class DirectUpgrade(DCUtRProtocol):
 
     async def _handle_dcutr_stream(self, stream) -> None:
         # The answering side dials from a reserved port too, announced in its CONNECT reply.
-        sock = _reserve_port()
+        try:
+            sock = _reserve_port()
+        except OSError as e:  # no free port: answer nothing, the peer's attempt times out
+            log.debug("no port for a hole punch: %s", e)
+            await stream.close()
+            return
         _PUNCH_PORT.set(sock.getsockname()[1])  # this handler's own task
         peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", None)
         known = self._peerstore_addrs(peer) if peer is not None else []
