@@ -64,6 +64,9 @@ def add_parser(sub) -> None:
                    "dialled it back over a new connection")
     s.add_argument("--relay", action="store_true", default=None,
                    help="relay circuits for peers nobody can dial (only useful on a public address)")
+    s.add_argument("--no-direct-upgrade", dest="direct_upgrade", action="store_false", default=None,
+                   help="start no direct upgrade (hole punch or reversed dial) of connections that came in through "
+                   "a relay: they stay relayed (a peer's own attempt is still answered)")
     s.add_argument("--private-mesh", action="store_true", default=None,
                    help="the whole mesh is on loopback/LAN addresses: dial and advertise private addresses (default: "
                    "decided from --listen-host and --bootstrap)")
@@ -81,7 +84,7 @@ def add_parser(sub) -> None:
 _START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark", "prefix_cache_tokens",
                "log_format", "log_level", "synthetic", "synthetic_rate", "share_model", "share_rate", "console_port",
-               "console_entries", "public_addr", "relay", "private_mesh")
+               "console_entries", "public_addr", "relay", "direct_upgrade", "private_mesh")
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -139,5 +142,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     links = s.get("entry_links")
     if links:
         lines.append(f"entries  {links['connected']}/{links['entries']} connected (re-joined the mesh {links['rejoins']} times)")
+    conns = s.get("connections")
+    if conns:
+        relayed = f" ({', '.join(conns['relayed_peers'])})" if conns["relayed_peers"] else ""
+        lines.append(f"peers    {conns['direct']} direct, {conns['relayed']} through a relay{relayed}")
     print("\n".join(lines))
     return 0

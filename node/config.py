@@ -29,6 +29,7 @@ class NodeConfig:
     # NAT traversal (transport/addrs.py, reachability.py, relay.py)
     public_addr: list[str] = field(default_factory=list)  # claimed addresses (a port forward), checked by dial-back
     relay: bool = False  # relay circuits for others (a public node that opts in)
+    direct_upgrade: bool = True  # turn relayed connections into direct ones (transport/dcutr.py)
     private_mesh: bool | None = None  # None: decided from listen_host and bootstrap
     identity: str | None = None  # key file; default STATE_DIR/node.key
     state_dir: str | None = None  # default $MESH_HOME/node (control socket, pid file)

@@ -209,7 +209,7 @@ class NodeDaemon:
 
         self.links = EntryLinks(self.host, self.cfg.bootstrap, on_rejoined=rejoined)
         self.reach = Reachability(self.host)
-        self.relay = MeshRelay(self.host, hop=self.cfg.relay)
+        self.relay = MeshRelay(self.host, hop=self.cfg.relay, direct_upgrade=self.cfg.direct_upgrade)
         self.host.relay = self.relay
         await nursery.start(self.relay.run)
         if not self.host.private_mesh:
@@ -363,6 +363,9 @@ class NodeDaemon:
             "advertised_addrs": list(self.host.advertised_addrs) if self.host else [],
             "entry_links": self.links.summary() if self.links else None,
             "reachability": self.reach.summary() if self.reach else None,
+            # Our open connections, direct or through a relay (transport/dcutr.py upgrades
+            # relayed ones where it can).
+            "connections": self.host.connection_summary() if self.host else None,
             "dht_server": self.host.dht_server if self.host else None,
             "model": {"name": self.model_id, "sha256": info.sha256, "quantization": info.quantization,
                       "architecture": info.architecture, "path": str(info.path), "context_size": svc.context_size},

@@ -221,7 +221,7 @@ def relayed_generation(runs: int, tokens: int, real_tokens: int, rate: float, mo
         for kind, args, n_tokens in kinds:
             node_proc = spawn(tmp, f"node-{kind}", lambda st, a=args: mesh_cmd(
                 "node", "start", "--config", str(cfg), "--state-dir", str(st), "--listen-host", "127.0.0.1",
-                "--bootstrap", entry_addr, "--skip-benchmark", "--log-level", "info", *a))
+                "--bootstrap", entry_addr, "--skip-benchmark", "--log-level", "info", "--no-direct-upgrade", *a))
             procs.append(node_proc)
             node = wait_ready_sync(node_proc, 120)
             status: dict = {}
@@ -254,7 +254,8 @@ def lab_relayed_generation(lab: NatLab, tmp: Path, entry, runs: int, tokens: int
     node_home, peer_home = lab.add_home(), lab.add_home()
     pub_ns, pub_ip = lab.add_public_host(2)
     rate_args = ("--synthetic-rate", str(rate))
-    natted = start_node(lab, tmp, "gen-nat", node_home, entry.p2p, extra=rate_args)
+    # Measured relayed: without this the node would punch a direct connection to the requester.
+    natted = start_node(lab, tmp, "gen-nat", node_home, entry.p2p, extra=(*rate_args, "--no-direct-upgrade"))
     public = start_node(lab, tmp, "gen-pub", pub_ns, entry.p2p, listen=pub_ip, extra=(*rate_args, "--port", "4200"))
     circuit = f"/ip4/{lab.pub_ip}/tcp/4001/p2p/{entry.peer_id}/p2p-circuit"
     wait_until(lambda: node_status(natted).get("advertised_addrs") == [circuit], 60, "the NAT'd node's relay slot")

@@ -39,7 +39,8 @@ from multiaddr import Multiaddr
 
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
-from transport.addrs import is_private, private_mesh
+from transport.addrs import addr_ip, is_private, private_mesh
+from transport.dcutr import DIRECT, RELAYED, conn_kind
 from transport.dht_keys import ADVERT_NAMESPACE, AdvertValidator
 from transport.patches import (
     DialPublicOnly,
@@ -236,6 +237,9 @@ class MeshHost:
         # put_value's closest peers per key, reused for a while: a node re-publishes its
         # advert every few seconds and a fresh lookup each time was half its idle DHT traffic.
         self._storers: dict[bytes, tuple[float, list[ID]]] = {}
+        # Our IP as peers' identify answers over direct connections saw it, newest first:
+        # what a hole punch tells the other side to dial (transport/dcutr.py).
+        self.observed_ips: list[str] = []
 
     def on_value_stored(self, listener: Callable[[str, bytes], None]) -> None:
         """Call `listener(key, value)` whenever another peer stores a value at us (we are
@@ -326,6 +330,33 @@ class MeshHost:
                 fn(peer_id)
             except Exception:
                 log.exception("connect listener failed")
+
+    def connections(self, peer_id: str) -> list:
+        """The open swarm connections to a peer (py-libp2p SwarmConn objects)."""
+        try:
+            conns = self._swarm.get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return []
+        return [c for c in conns if not getattr(c, "is_closed", False)]
+
+    def connection_kind(self, peer_id: str) -> str | None:
+        """"direct" when any open connection to the peer is, "relayed" when all go through a
+        relay (transport/dcutr.py tries to upgrade those), None when not connected."""
+        conns = self.connections(peer_id)
+        if not conns:
+            return None
+        return DIRECT if any(conn_kind(c) == DIRECT for c in conns) else RELAYED
+
+    def connection_summary(self) -> dict:
+        """For status: connected peers by kind, each relayed one named (shortened)."""
+        out: dict = {DIRECT: 0, RELAYED: 0, "relayed_peers": []}
+        for p in self.connected_peers():
+            kind = self.connection_kind(p)
+            if kind is not None:
+                out[kind] += 1
+                if kind == RELAYED:
+                    out["relayed_peers"].append(p[-8:])
+        return out
 
     def is_connected(self, peer_id: str) -> bool:
         try:
@@ -762,6 +793,28 @@ def _tap_stored_values(dht: KadDHT, mesh: MeshHost) -> None:
     store.put_record = put_record
 
 
+def _tap_observed_addrs(host, mesh: MeshHost) -> None:
+    # py-libp2p's ObservedAddrManager keeps an observation only when it matches a listen
+    # address, which no outbound connection's does (they leave from ephemeral ports): a NAT'd
+    # host never learnt its external IP. The IP alone is what we need; the port is our own.
+    manager = getattr(host, "_observed_addr_manager", None)
+    if manager is None:
+        return
+    original = manager.record_observation
+
+    def record_observation(conn, observed, local_addrs) -> None:
+        ip = addr_ip(observed)
+        if ip is not None and conn_kind(conn) == DIRECT:  # upstream skips relayed ones too
+            s = str(ip)
+            if s in mesh.observed_ips:
+                mesh.observed_ips.remove(s)
+            mesh.observed_ips.insert(0, s)
+            del mesh.observed_ips[8:]
+        original(conn, observed, local_addrs)
+
+    manager.record_observation = record_observation
+
+
 def _listen_multiaddr(listen_host: str, listen_port: int) -> Multiaddr:
     family = "ip6" if ":" in listen_host else "ip4"
     return Multiaddr(f"/{family}/{listen_host}/tcp/{listen_port}")
@@ -838,6 +891,7 @@ async def open_mesh_host(
         host._mesh_all_addrs = host.get_addrs
         host.get_addrs = lambda: [Multiaddr(a) for a in mesh.advertised_addrs]
     _tap_stored_values(dht, mesh)
+    _tap_observed_addrs(host, mesh)
     # Raised only after the host's nurseries have closed: raised inside them, trio would
     # hand the caller an ExceptionGroup nested three deep instead of the error itself.
     deferred: Exception | None = None

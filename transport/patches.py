@@ -59,6 +59,10 @@ class _ForwardToMeshLogging(logging.Handler):
         "Error getting providers from ", "Failed to get providers from ", "Error sending ADD_PROVIDER to ",
         "Failed to send ADD_PROVIDER to ", "Failed to open TCP stream", "MultiselectClient handshake:",
         "Error in handle_incoming for peer ",  # logged at ERROR whenever a peer dies
+        # DCUtR, per attempt: transport/dcutr.py logs each upgrade's outcome once.
+        "Failed to establish direct connection with ", "Timeout in DCUtR protocol with peer ",
+        "Error in DCUtR protocol with peer ", "No addresses to try for hole punch ", "Error handling DCUtR stream",
+        "Error initiating hole punch with peer ",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:

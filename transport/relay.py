@@ -15,7 +15,12 @@ What py-libp2p 0.8.1 lacks, and what stands in for it here:
 - closing one circuit through a relay closed another circuit from the same source through the
   same relay (its bookkeeping is keyed by peer): patches.fix_circuit_bookkeeping;
 - the default limits allow 4 reservations per relay, and the per-IP limits in RelayConfig are
-  never enforced: RELAY_LIMITS replaces the former, _PerIpReservations enforces the latter.
+  never enforced: RELAY_LIMITS replaces the former, _PerIpReservations enforces the latter;
+- the receiving end tags an inbound circuit /p2p/<itself>/p2p-circuit/p2p/<source> (it puts
+  its own id where the relay's belongs), and its DCUtR service (relay/circuit_v2/dcutr.py)
+  drives upgrades from both ends at once and, for a NAT'd host in a public mesh, announces no
+  address at all: transport/dcutr.py lists each gap and its replacement. Upgrades
+  start from handle_incoming_connection (wrapped below), on the side the circuit came in on.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from transport.addrs import addr_ip
+from transport.dcutr import DirectUpgrade
 from transport.patches import apply_relay_workarounds, fix_circuit_bookkeeping
 
 log = logging.getLogger("mesh.relay")
@@ -97,7 +103,8 @@ class _PerIpReservations:
 class MeshRelay:
     """Relay client (reserve, dial, accept circuits) and, with hop=True, a relay for others."""
 
-    def __init__(self, host, *, hop: bool, limits: RelayLimits = RELAY_LIMITS, per_ip: int = MAX_RESERVATIONS_PER_IP):
+    def __init__(self, host, *, hop: bool, limits: RelayLimits = RELAY_LIMITS, per_ip: int = MAX_RESERVATIONS_PER_IP,
+                 upgrade: DirectUpgrade | None = None, direct_upgrade: bool = True):
         self.host = host  # a MeshHost
         raw = host._host
         self.hop = hop
@@ -109,10 +116,29 @@ class MeshRelay:
         self.config = RelayConfig(roles=roles, limits=limits)
         self.transport = CircuitV2Transport(raw, self.protocol, self.config)
         self.reservations: dict[str, str] = {}  # relay peer id -> our relayed address there
+        # Direct connection upgrade (transport/dcutr.py) of every relayed connection that
+        # comes in; the side that dialled through the relay answers. direct_upgrade=False:
+        # answer peers' attempts, start none.
+        self.upgrade = upgrade if upgrade is not None else DirectUpgrade(host)
+        if direct_upgrade:
+            self._upgrade_incoming()
+
+    def _upgrade_incoming(self) -> None:
+        inner = self.protocol.handle_incoming_connection
+
+        async def handle_incoming_connection(stream, remote_peer_id: bytes) -> None:
+            await inner(stream, remote_peer_id)  # returns once the connection is registered
+            try:
+                self.upgrade.relayed_inbound(ID(remote_peer_id))
+            except Exception:
+                log.debug("scheduling a direct upgrade failed", exc_info=True)
+
+        self.protocol.handle_incoming_connection = handle_incoming_connection  # type: ignore[method-assign]
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with background_trio_service(self.protocol):
+        async with background_trio_service(self.protocol), background_trio_service(self.upgrade):
             await self.protocol.event_started.wait()
+            await self.upgrade.event_started.wait()
             task_status.started()
             await trio.sleep_forever()
 

@@ -488,6 +488,10 @@ class MeshBackend:
 
     # -- what the API shows ------------------------------------------------------------------
 
+    def _connection_kind(self, peer_id: str) -> str | None:
+        kind = getattr(self.host, "connection_kind", None)
+        return kind(peer_id) if kind is not None else None
+
     def nodes_view(self) -> list[dict]:
         now = time.monotonic()
         ids = {m.sha256: m.id for m in self.models()}
@@ -502,6 +506,8 @@ class MeshBackend:
                 "context_size": n.advert.context_size,
                 "state": n.state(now),
                 "reachability": n.reachability(getattr(self.host, "private_mesh", True)),
+                # Our own connection to it right now: "direct", "relayed" or None.
+                "connection": self._connection_kind(n.peer_id),
                 "slots": n.total_slots,
                 "free_slots": n.free_slots(),
                 "queued": st.queued if st else 0,

@@ -87,3 +87,41 @@ def wait_until(cond: Callable[[], bool], limit: float, what: str, step: float = 
 
 def logs(*procs: NodeProc, tail: int = 2500) -> str:
     return "\n".join(f"--- {p.state_dir.name} ---\n{p.log()[-tail:]}" for p in procs)
+
+
+def relay_peer(lab: NatLab, ns: str, *args: str, log_dir: Path) -> subprocess.Popen:
+    """tests/netns/relay_peer.py inside namespace `ns` (killed by lab.close()); its stdout
+    lines are collected by a thread, for read_json_line(); its log goes to a file (a pipe
+    nobody drains would block it), p.log() reads it."""
+    import queue
+    import threading
+
+    path = log_dir / f"relay_peer-{len(lab.extra_procs)}.log"
+    with open(path, "w") as log:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(REPO / "tests/netns/relay_peer.py"), *args],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+    lab.extra_procs.append(p)
+    p.log = lambda tail=3000: path.read_text(errors="replace")[-tail:]
+    p.lines = queue.Queue()
+
+    def pump() -> None:
+        for line in p.stdout:  # ends when the process does
+            p.lines.put(line)
+        p.lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return p
+
+
+def read_json_line(p: subprocess.Popen, what: str, timeout: float = 60.0) -> dict:
+    """The next line `p` prints, as JSON; fails with its stderr if it ends or stays silent."""
+    import queue
+
+    try:
+        line = p.lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no line with {what} after {timeout}s\n{p.log()}") from None
+    if line is None:
+        p.wait(5)
+        raise AssertionError(f"no line with {what}: exited {p.returncode}\n{p.log()}")
+    return json.loads(line)

@@ -1,8 +1,10 @@
 """A bare mesh peer for the relay tests, run inside a lab namespace:
 
     python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR listen
-        reserves a relay slot at the entry, serves an echo protocol, prints {"peer_id", "addr"}
-    python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR dial PEER:CIRCUIT_ADDR [PEER:ADDR ...]
+        reserves a relay slot at the entry, serves an echo protocol, prints {"peer_id", "addr"};
+        then one line {"upgrade": {...}} per direct-upgrade outcome (transport/dcutr.py) of a
+        relayed connection that came in
+    python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR dial PEER=CIRCUIT_ADDR [PEER=ADDR ...]
         opens a stream to each peer through its relayed address, one round trip each, then
         closes the first circuit and checks the others still answer; prints {"ok", ...}
     python tests/netns/relay_peer.py --bootstrap ENTRY_ADDR call --model SHA256 PEER=ADDR [PEER=ADDR ...]
@@ -10,7 +12,15 @@
         the address given (a circuit address goes through the relay); with --runs N, N+1 rounds
         over the targets in turn (the first a warm-up); prints {"ok", "results": {peer: {"tokens",
         "conn": how the connection runs, "ttft_s", "decode_s", "n": per run}}}
+    ... --wait-direct S dial PEER=CIRCUIT_ADDR
+        one peer: after the relayed round trip, waits up to S seconds for a direct connection,
+        reports it ("kind", "remote": the far end's ip:port) and which kind of connection
+        carried a new stream, then waits up to S more for the relayed one to be closed
+        ("relayed_closed") and makes one more round trip
 
+--listen-host (default 0.0.0.0): a public host passes its address, so it advertises one;
+--grace S: how long a relayed connection outlives its direct upgrade; --no-upgrade: start no
+upgrade (still answer a peer's).
 A listener exits when its stdin closes, so an aborted test leaves nothing running.
 """
 
@@ -18,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from protocol.framing import FrameReader, FrameWriter  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
+from transport.dcutr import RELAYED, DirectUpgrade, conn_kind, conn_remote  # noqa: E402
 from transport.host import open_mesh_host  # noqa: E402
 from transport.relay import MeshRelay  # noqa: E402
 
@@ -107,15 +120,58 @@ async def generations(host, targets: list[list[str]], sha: str, runs: int, token
     return {"ok": True, "results": results}
 
 
+async def carrier_kind(host, peer: str) -> str:
+    """The kind of connection a new stream to `peer` went over."""
+    s = await host.open_stream(peer, ECHO, timeout=15)
+    kinds = [conn_kind(c) for c in host.connections(peer) if s._raw in c.get_streams()]
+    await FrameWriter(s).write_frame({"x": peer})
+    assert (await FrameReader(s).read_frame())["echo"] == {"x": peer}
+    await s.close()
+    return kinds[0] if kinds else "?"
+
+
+async def wait_for(cond, limit: float) -> bool:
+    with trio.move_on_after(limit):
+        while not cond():
+            await trio.sleep(0.1)
+        return True
+    return False
+
+
+async def upgrade_report(host, peer: str, addr: str, wait: float) -> dict:
+    out: dict = {"rtt_ms": {peer: round(1000 * await round_trip(host, peer, [addr]), 2)}}
+    out["kind_first"] = host.connection_kind(peer)
+    t0 = time.monotonic()
+    direct = await wait_for(lambda: host.connection_kind(peer) == "direct", wait)
+    out["kind"] = host.connection_kind(peer)
+    out["remote"] = next((conn_remote(c) for c in host.connections(peer) if conn_kind(c) == "direct"), None)
+    if direct:
+        out["direct_after_s"] = round(time.monotonic() - t0, 2)
+    out["carrier"] = await carrier_kind(host, peer)
+    if direct:
+        out["relayed_closed"] = await wait_for(
+            lambda: not any(conn_kind(c) == RELAYED for c in host.connections(peer)), wait)
+    out["rtt_ms_after"] = round(1000 * min([await round_trip(host, peer) for _ in range(5)]), 2)
+    return out
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--listen-host", default="0.0.0.0")
+    ap.add_argument("--grace", type=float, default=None)
+    ap.add_argument("--no-upgrade", action="store_true")
+    ap.add_argument("--wait-direct", type=float, default=None)
     ap.add_argument("role", choices=["listen", "dial", "call"])
     ap.add_argument("targets", nargs="*")
     ap.add_argument("--model", help="call: the nodes' model sha256")
     ap.add_argument("--runs", type=int, default=0, help="call: timed rounds after a warm-up (0: one untimed round)")
     ap.add_argument("--tokens", type=int, default=8, help="call: tokens per generation")
     args = ap.parse_intermixed_args()
+    # Our structured logs (and py-libp2p's, forwarded under mesh.libp2p) on stderr, for a
+    # failing test's message; MESH_DEBUG=1 for everything.
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("MESH_DEBUG") else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     entry = args.bootstrap.split("/p2p/")[-1]
     async with trio.open_nursery() as nursery:
         async def stdin_watch() -> None:
@@ -126,8 +182,14 @@ async def main() -> None:
 
         if args.role == "listen":  # the dialer ends by itself (and its stdin is closed at once)
             nursery.start_soon(stdin_watch)
-        async with open_mesh_host(Identity.generate(), listen_host="0.0.0.0", bootstrap=[args.bootstrap]) as host:
-            relay = MeshRelay(host, hop=False)
+        async with open_mesh_host(Identity.generate(), listen_host=args.listen_host,
+                                  bootstrap=[args.bootstrap]) as host:
+            def outcome(peer: str, result: dict) -> None:
+                print(json.dumps({"upgrade": {"peer": peer, **result}}), flush=True)
+
+            kw = {} if args.grace is None else {"grace": args.grace}
+            relay = MeshRelay(host, hop=False, upgrade=DirectUpgrade(host, on_outcome=outcome, **kw),
+                              direct_upgrade=not args.no_upgrade)
             host.relay = relay
             await nursery.start(relay.run)
             if args.role == "listen":
@@ -142,9 +204,12 @@ async def main() -> None:
                 return
             targets = [t.split("=", 1) for t in args.targets]
             out: dict = {"rtt_ms": {}}
-            for peer, addr in targets:
-                await round_trip(host, peer, [addr])  # opens the circuit
-                out["rtt_ms"][peer] = round(1000 * min([await round_trip(host, peer) for _ in range(5)]), 2)
+            if args.wait_direct is not None:
+                out = await upgrade_report(host, *targets[0], args.wait_direct)
+            else:
+                for peer, addr in targets:
+                    await round_trip(host, peer, [addr])  # opens the circuit
+                    out["rtt_ms"][peer] = round(1000 * min([await round_trip(host, peer) for _ in range(5)]), 2)
             if len(targets) > 1:
                 await host.disconnect(targets[0][0])
                 await trio.sleep(1.0)

@@ -82,6 +82,49 @@ def test_symmetric_nat_randomizes_ports(lab):
         srv.wait(5)
 
 
+# TCP simultaneous open: bind a fixed port, connect to the other home's router at that port,
+# retrying for a few seconds (the first SYN usually dies at the other router, which has no
+# mapping yet); prints ok and the peer, or the last error.
+PUNCH = r"""
+import socket, sys, time
+port, dst = int(sys.argv[1]), sys.argv[2]
+deadline, last = time.monotonic() + 8, "none"
+while time.monotonic() < deadline:
+    c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    c.bind(("0.0.0.0", port)); c.settimeout(2)
+    try:
+        c.connect((dst, port)); c.sendall(b"hi"); assert c.recv(2) == b"hi"
+        print("ok", c.getpeername()[0], flush=True); sys.exit(0)
+    except OSError as e:
+        last = type(e).__name__; c.close(); time.sleep(0.2)
+print(last, flush=True)
+"""
+
+
+def _punch(a, b, port: int = 4600) -> tuple[str, str]:
+    pa = subprocess.Popen(["ip", "netns", "exec", a.ns, sys.executable, "-c", PUNCH, str(port), b.wan_ip],
+                          stdout=subprocess.PIPE, text=True)
+    pb = subprocess.Popen(["ip", "netns", "exec", b.ns, sys.executable, "-c", PUNCH, str(port), a.wan_ip],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        return pa.communicate(timeout=20)[0].strip(), pb.communicate(timeout=20)[0].strip()
+    finally:
+        for p in (pa, pb):
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def test_tcp_simultaneous_open_through_two_nats_but_not_a_symmetric_one(lab):
+    """What hole punching (transport/dcutr.py) relies on: the routers map a home's port to the
+    same WAN port for every destination and let in packets of a connection the home started,
+    so two homes dialling each other's WAN address at once meet in one TCP connection. A
+    symmetric NAT maps each destination to a random port, which the other side can't know."""
+    h1, h2, sym = lab.add_home(), lab.add_home(), lab.add_home(symmetric=True)
+    assert _punch(h1, h2) == (f"ok {h2.wan_ip}", f"ok {h1.wan_ip}")
+    assert _punch(h1, sym, 4601) == ("TimeoutError", "TimeoutError")
+
+
 def test_cut_and_restore_uplink(lab):
     home = lab.add_home()
     srv = _server(lab.pub, lab.pub_ip, 4004, 1)

@@ -6,7 +6,18 @@ import time
 
 import pytest
 
-from tests.netns.mesh_lab import complete, logs, mesh_nodes, node_status, serving, start_entry, start_node, wait_until
+from tests.netns.mesh_lab import (
+    complete,
+    logs,
+    mesh_nodes,
+    node_status,
+    read_json_line,
+    relay_peer,
+    serving,
+    start_entry,
+    start_node,
+    wait_until,
+)
 
 ADVERT_INTERVAL = 5.0
 
@@ -97,6 +108,8 @@ def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
     assert st["reachability"]["state"] == "relayed" and st["reachability"]["direct_addrs"] == [], st
     assert st["advertised_addrs"] == [f"/ip4/{lab.pub_ip}/tcp/4001/p2p/{e1.peer_id}/p2p-circuit"], st
     assert st["reachability"]["observed"] == [f"/ip4/{home.wan_ip}"] and st["dht_server"] is False, st
+    # Its connections (to the entry, which it dialled) are direct ones, none through a relay.
+    assert st["connections"]["direct"] >= 1 and st["connections"]["relayed"] == 0, st
     st = checked(public)
     direct = f"/ip4/{public_ip}/tcp/4100"
     assert st["reachability"]["state"] == "direct" and st["advertised_addrs"] == [direct], st
@@ -108,36 +121,19 @@ def test_reachability_from_dial_back_over_a_new_connection(lab, tmp_path):
     wait_until(lambda: view() == ["direct", "relayed"], 20, "the entry's view", context=ctx)
 
 
-def _peer(lab, ns: str, *args: str):
-    import subprocess
-    import sys
-
-    from tests.support.node_procs import REPO
-    p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(REPO / "tests/netns/relay_peer.py"), *args],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lab.extra_procs.append(p)
-    return p
-
-
 def test_natted_nodes_exchange_streams_through_a_relay_two_circuits_one_relay(lab, tmp_path):
     """Two listeners behind two NATs, each with a relay slot at the entry; a third peer behind a
     third NAT opens a stream to each through the entry's relay (no direct path exists), then
-    closes the first circuit: the second keeps working."""
-    import json
-
+    closes the first circuit: the second keeps working. (The listeners start no direct upgrade:
+    this is about circuits; tests/netns/test_direct_upgrade.py upgrades them.)"""
     homes = [lab.add_home() for _ in range(3)]
     e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
-    listeners = [_peer(lab, h.ns, "--bootstrap", e1.p2p, "listen") for h in homes[:2]]
-    infos = []
-    for p in listeners:
-        line = p.stdout.readline()
-        assert line, p.stderr.read()[-3000:] if p.poll() is not None else "listener printed nothing"
-        infos.append(json.loads(line))
+    listeners = [relay_peer(lab, h.ns, "--bootstrap", e1.p2p, "--no-upgrade", "listen", log_dir=tmp_path) for h in homes[:2]]
+    infos = [read_json_line(p, "the listener's relayed address") for p in listeners]
     assert all(i["addr"] and i["addr"].endswith("/p2p-circuit") for i in infos), infos
-    dialer = _peer(lab, homes[2].ns, "--bootstrap", e1.p2p, "dial", *(f"{i['peer_id']}={i['addr']}" for i in infos))
-    out, err = dialer.communicate(timeout=90)
-    assert out.strip(), err[-3000:]
-    result = json.loads(out.strip().splitlines()[-1])
+    dialer = relay_peer(lab, homes[2].ns, "--bootstrap", e1.p2p, "dial", *(f"{i['peer_id']}={i['addr']}" for i in infos),
+                        log_dir=tmp_path)
+    result = read_json_line(dialer, "the dialer's result", timeout=90)
     assert result["ok"] and len(result["others_after_close"]) == 1, result
     print(f"relayed round trips (ms): {result['rtt_ms']}")
 
@@ -176,7 +172,9 @@ def test_relay_slot_re_reserved_after_the_link_to_the_relay_was_lost(lab, tmp_pa
 
     node_home, peer_home = lab.add_home(), lab.add_home()
     e1 = start_entry(lab, tmp_path, "e1", lab.pub_ip, 4001)
-    node = start_node(lab, tmp_path, "n1", node_home, e1.p2p)
+    # No direct upgrade: the call below must stay on the circuit for the test to see it there
+    # (tests/netns/test_direct_upgrade.py covers the upgrade).
+    node = start_node(lab, tmp_path, "n1", node_home, e1.p2p, extra=("--no-direct-upgrade",))
     ctx = lambda: logs(e1.proc, node) + "\n" + node_home.mappings()  # noqa: E731
     circuit = f"/ip4/{lab.pub_ip}/tcp/4001/p2p/{e1.peer_id}/p2p-circuit"
     wait_until(lambda: node_status(node).get("advertised_addrs") == [circuit], 30, "the relay slot advertised", context=ctx)

@@ -14,6 +14,10 @@ router masquerades its home subnet on its WAN port and drops every unsolicited i
 nf_conntrack_tcp_loose=0 in the router: after a flush, mid-stream packets of old connections
 are not adopted (a rebooted router forgets them), so those connections are dead both ways.
 A symmetric NAT maps every new connection to a random source port (`masquerade random`).
+Otherwise masquerade keeps a home's source port when it is free, whatever the destination
+(endpoint-independent mapping), and conntrack admits only packets of connections the home
+started: a typical home router, through which two homes can hole-punch a TCP connection by
+dialling each other at once (tests/netns/test_lab.py; transport/dcutr.py relies on it).
 
 Namespace names carry the test process's pid; namespaces left by a killed run are removed
 the next time a lab is made (their pid is gone). Nothing here touches the root namespace's

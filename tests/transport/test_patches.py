@@ -413,6 +413,8 @@ def test_libp2p_logger_forwarded_to_our_logging():
         logging.getLogger("libp2p.somewhere").info("below the handler's level")
         logging.getLogger("libp2p.kad_dht.kad_dht").warning("Failed to read DHT message from stream: %s", StreamEOF())
         logging.getLogger("libp2p.kad_dht.peer_routing").warning("Failed to open stream to X: gone")
+        # Per DCUtR attempt (transport/dcutr.py logs each upgrade's outcome once instead).
+        logging.getLogger("libp2p.relay.circuit_v2.dcutr").warning("Failed to establish direct connection with %s", "P")
     finally:
         ours.removeHandler(sink)
         ours.setLevel(old_level)
@@ -421,6 +423,7 @@ def test_libp2p_logger_forwarded_to_our_logging():
     assert not any("below the handler" in m for _, _, m in msgs)
     assert not any("Failed to read DHT message" in m for _, _, m in msgs)  # per-request noise
     assert ("libp2p.kad_dht.peer_routing", "DEBUG", "Failed to open stream to X: gone") in msgs  # churn
+    assert ("libp2p.relay.circuit_v2.dcutr", "DEBUG", "Failed to establish direct connection with P") in msgs
 
 
 # -- streams ------------------------------------------------------------------------------
