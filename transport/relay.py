@@ -10,8 +10,10 @@ What py-libp2p 0.8.1 lacks, and what stands in for it here:
 - the swarm never dials /p2p-circuit addresses itself: MeshHost.connect/open_stream dial them
   through this module when no direct address answers;
 - get_addrs() never lists relayed addresses: they go into our advert (Reachability.relayed);
-- a reservation is not renewed after the connection to the relay is lost: the node's link
-  loop re-reserves whenever a link to its relay comes back (node/daemon.py);
+- a reservation is never renewed: the relay keeps it by peer id for its TTL (so it survives a
+  lost connection, but not a restarted relay or the TTL's end), and a reservation asked for
+  before a restarted relay's hop is up is refused: the node re-reserves after every re-join,
+  retries a refused one within seconds, and renews it on every full check (node/daemon.py);
 - closing one circuit through a relay closed another circuit from the same source through the
   same relay (its bookkeeping is keyed by peer): patches.fix_circuit_bookkeeping;
 - the default limits allow 4 reservations per relay, and the per-IP limits in RelayConfig are
