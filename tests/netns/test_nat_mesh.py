@@ -138,20 +138,18 @@ def test_natted_nodes_exchange_streams_through_a_relay_two_circuits_one_relay(la
     print(f"relayed round trips (ms): {result['rtt_ms']}")
 
 
-def _relayed_call(lab, ns: str, entry, node, circuit: str, sha: str) -> dict:
+def _relayed_call(lab, ns: str, entry, node, circuit: str, sha: str, log_dir) -> dict:
     """One generation from `node` by a fresh peer in namespace `ns`, dialled over `circuit`."""
-    import json
-
-    p = _peer(lab, ns, "--bootstrap", entry.p2p, "call", "--model", sha, f"{node.peer_id}={circuit}")
+    p = relay_peer(lab, ns, "--bootstrap", entry.p2p, "call", "--model", sha, f"{node.peer_id}={circuit}", log_dir=log_dir)
     try:
-        out, err = p.communicate(timeout=40)
-    except Exception:
-        p.kill()
-        out, err = p.communicate(timeout=5)
-    lines = out.strip().splitlines()
-    if not lines or p.returncode != 0:
-        return {"ok": False, "stderr": err[-2000:]}
-    return json.loads(lines[-1])["results"][node.peer_id] | {"ok": True}
+        result = read_json_line(p, "the call's result", timeout=40)
+    except AssertionError as e:  # it failed or stayed silent: the caller tries again
+        return {"ok": False, "why": str(e)[-2000:]}
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(5)
+    return result["results"][node.peer_id] | {"ok": True}
 
 
 @pytest.mark.parametrize("lost_by", ["router-reset", "relay-restart"])
@@ -195,7 +193,7 @@ def test_relay_slot_re_reserved_after_the_link_to_the_relay_was_lost(lab, tmp_pa
 
     def served() -> bool:
         nonlocal result
-        result = _relayed_call(lab, peer_home.ns, e1, node, circuit, sha)
+        result = _relayed_call(lab, peer_home.ns, e1, node, circuit, sha, tmp_path)
         return bool(result.get("ok"))
 
     took = wait_until(served, 30, "a generation through the relay", step=1.0, context=lambda: f"{result}\n{ctx()}")
