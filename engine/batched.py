@@ -449,8 +449,7 @@ class BatchedEngine(Engine):
 
     def _row(self, index: int) -> np.ndarray:
         # A view into llama.cpp's buffer: valid only until the next decode.
-        ptr = self._lc.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return self._row_view(self._lc.llama_get_logits_ith(self._ctx, index))
 
     def _borrow_sid(self) -> int:
         if not self._free:

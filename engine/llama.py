@@ -161,6 +161,7 @@ class Engine:
         assert self._llm is not None  # the ctor either returned one or raised
         self.n_ctx: int = self._llm.n_ctx()
         self.n_vocab: int = self._llm.n_vocab()
+        self._row_type = ctypes.c_float * self.n_vocab
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self.bos_id: int = self._llm.token_bos()
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab)) and self.bos_id >= 0
@@ -328,8 +329,12 @@ class Engine:
 
     def _logits(self) -> np.ndarray:
         # A view into llama.cpp's buffer: valid only until the next decode.
-        ptr = self._lc.llama_get_logits_ith(self._open().ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return self._row_view(self._lc.llama_get_logits_ith(self._open().ctx, -1))
+
+    def _row_view(self, ptr: Any) -> np.ndarray:
+        """A logits row llama.cpp returned, as a numpy view (no copy). np.ctypeslib.as_array
+        builds a ctypes array type per call: ~75 us a token against ~12 us here (measured)."""
+        return np.frombuffer(self._row_type.from_address(ctypes.addressof(ptr.contents)), dtype=np.float32)
 
     # --- self-benchmark ----------------------------------------------------------------
 
@@ -420,7 +425,7 @@ class Engine:
                     llm.n_tokens = start + len(chunk)
                     for j in wanted:
                         ptr = self._lc.llama_get_logits_ith(llm.ctx, j)
-                        consume(start + j - first, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+                        consume(start + j - first, self._row_view(ptr))
             finally:
                 llm.reset()  # the next user of this engine starts from a clean context
 
