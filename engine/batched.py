@@ -102,14 +102,17 @@ class BatchedEngine(Engine):
         prefix_cache_tokens: int = 0,
         pad_single: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
+        n_threads_batch: int | None = None,
     ) -> None:
+        """n_threads serves the steps that only decode (one token per sequence, however many
+        sequences), n_threads_batch the steps that read prompt tokens (see _decode)."""
         if slots < 1:
             raise ValueError("at least one slot is needed")
         if prefix_cache_tokens < 0:
             raise ValueError("prefix_cache_tokens must be >= 0")
         # The weights are loaded (and offloaded to the GPU) here, once, whatever `slots` is.
         super().__init__(model_path, n_ctx=32, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=32,
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir, n_threads_batch=n_threads_batch)
         import llama_cpp._internals as internals
 
         if self.info.context_length:
@@ -138,6 +141,7 @@ class BatchedEngine(Engine):
             raise RuntimeError(f"llama.cpp cannot create a {slots}-sequence context: {e}") from None
         self._ctx = self._bctx.ctx
         self._mem = self._lc.llama_get_memory(self._ctx)
+        self._threads_now = self.n_threads_batch  # the context's n_threads_batch at present
         self._batch = self._lc.llama_batch_init(n_batch + 1, 0, 1)
         self.kv_bytes_per_token = _kv_bytes_per_token(self._lc, llm._model.model)
         self.counters = EngineCounters()
@@ -422,6 +426,14 @@ class BatchedEngine(Engine):
             b.logits[i] = False
             i += 1
         b.n_tokens = i
+        # llama.cpp picks n_threads_batch for any step of more than one token, so several
+        # sequences decoding together would run on the prompt-reading count. A decode step
+        # carries a token to forward per sequence, the Python work that n_threads leaves
+        # room for (engine/threads.py), so it gets n_threads however many sequences it holds.
+        threads = self.n_threads_batch if any(len(toks) > 1 for _sid, toks, _pos, _want in entries) else self.n_threads
+        if threads != self._threads_now:
+            self._lc.llama_set_n_threads(self._ctx, self.n_threads, threads)
+            self._threads_now = threads
         try:
             while True:
                 rc = self._lc.llama_decode(self._ctx, b)
@@ -437,8 +449,7 @@ class BatchedEngine(Engine):
 
     def _row(self, index: int) -> np.ndarray:
         # A view into llama.cpp's buffer: valid only until the next decode.
-        ptr = self._lc.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return self._row_view(self._lc.llama_get_logits_ith(self._ctx, index))
 
     def _borrow_sid(self) -> int:
         if not self._free:

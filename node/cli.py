@@ -25,7 +25,10 @@ def add_parser(sub) -> None:
                    "name as adverts give it (needs --bootstrap); a file already there is checked and reused")
     s.add_argument("--model-name", help="model id users ask for in the API (default: the file name without .gguf)")
     s.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU if llama.cpp was built with GPU support; -1 = all (default 0)")
-    s.add_argument("--threads", type=int, help="llama.cpp threads; all slots share them (default: all CPU cores)")
+    s.add_argument("--threads", type=int, help="llama.cpp threads for decoding, all slots together (default: the "
+                   "physical cores, less one on a machine of 2-4 cores so the node's own threads have one)")
+    s.add_argument("--threads-batch", type=int, help="llama.cpp threads for reading prompts (default: --threads if "
+                   "given, else the physical cores)")
     s.add_argument("--ctx", type=int, help="context size in tokens of each generation (default 2048)")
     s.add_argument("--slots", type=int, help="concurrent generations (default 1, at most 128): the model is loaded once and "
                    "the slots' sequences are decoded together, one llama.cpp batch per step; each slot adds only its "
@@ -81,7 +84,7 @@ def add_parser(sub) -> None:
     add_credits_parser(ns)  # `mesh node credits`
 
 
-_START_KEYS = ("model", "model_name", "gpu_layers", "threads", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
+_START_KEYS = ("model", "model_name", "gpu_layers", "threads", "threads_batch", "ctx", "slots", "queue", "buffer_mb", "max_tokens", "listen_host", "port",
                "bootstrap", "identity", "state_dir", "drain_seconds", "advert_interval", "skip_benchmark", "prefix_cache_tokens",
                "log_format", "log_level", "synthetic", "synthetic_rate", "share_model", "share_rate", "console_port",
                "console_entries", "public_addr", "relay", "direct_upgrade", "private_mesh")

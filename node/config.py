@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,11 @@ class NodeConfig:
     model: str | None = None  # GGUF path, "sha256:<hex>" or a model name (fetched from the mesh); None = bundled SmolLM2
     model_name: str | None = None  # the id users ask for; default: the file name without .gguf
     gpu_layers: int = 0  # layers offloaded to the GPU when the build supports it; -1 = all
-    threads: int | None = None  # llama.cpp threads of the node's one context; default: all cores
+    # llama.cpp threads of the node's one context: `threads` for decode steps, `threads_batch`
+    # for steps reading prompt tokens; defaults: engine/threads.py (1-4 cores: one left free
+    # while decoding), threads_batch = threads when only that is given.
+    threads: int | None = None
+    threads_batch: int | None = None
     ctx: int = 2048  # per generation: each slot may use the whole context
     slots: int = 1  # concurrent generations, decoded together as sequences of one llama.cpp context
     # KV cache cells kept for finished sequences so a request sharing their prefix (a chat's
@@ -59,10 +62,14 @@ class NodeConfig:
     def control_socket(self) -> Path:
         return self.state_path() / "node.sock"
 
-    def llama_threads(self) -> int:
+    def llama_threads(self) -> tuple[int, int]:
+        """(n_threads, n_threads_batch) for the engine."""
+        from engine.threads import default_threads
+
+        decode, batch = default_threads()
         if self.threads:
-            return self.threads
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            decode = batch = self.threads
+        return decode, self.threads_batch or batch
 
     def prefix_cache_size(self) -> int:
         return self.ctx if self.prefix_cache_tokens is None else self.prefix_cache_tokens
@@ -74,6 +81,9 @@ class NodeConfig:
             raise ValueError("--slots must be at most 128 (llama.cpp's sequence limit, with room for the prefix cache)")
         if self.prefix_cache_tokens is not None and not 0 <= self.prefix_cache_tokens <= 1 << 20:
             raise ValueError("--prefix-cache-tokens must be in 0-1048576")
+        for flag, n in (("--threads", self.threads), ("--threads-batch", self.threads_batch)):
+            if n is not None and n < 0:
+                raise ValueError(f"{flag} must be at least 1 (0 = the default)")
         if self.queue < 0:
             raise ValueError("--queue must be >= 0")
         if not 1 <= self.buffer_mb <= 65536:

@@ -71,11 +71,12 @@ def load_engines(cfg: NodeConfig, info: ModelInfo) -> list:
     from engine.batched import BatchedEngine
 
     t0 = time.perf_counter()
-    threads = cfg.llama_threads()
-    log.info("loading model", extra={"model": info.name, "threads": threads, "gpu_layers": cfg.gpu_layers,
+    threads, threads_batch = cfg.llama_threads()
+    log.info("loading model", extra={"model": info.name, "threads": threads, "threads_batch": threads_batch,
+                                     "gpu_layers": cfg.gpu_layers,
                                      "slots": cfg.slots, "prefix_cache_tokens": cfg.prefix_cache_size()})
-    engine = BatchedEngine(info.path, slots=cfg.slots, n_ctx=cfg.ctx, n_threads=threads, n_gpu_layers=cfg.gpu_layers,
-                           prefix_cache_tokens=cfg.prefix_cache_size())
+    engine = BatchedEngine(info.path, slots=cfg.slots, n_ctx=cfg.ctx, n_threads=threads, n_threads_batch=threads_batch,
+                           n_gpu_layers=cfg.gpu_layers, prefix_cache_tokens=cfg.prefix_cache_size())
     log.info(f"model loaded in {time.perf_counter() - t0:.2f}s: {cfg.slots} slot(s) as sequences of one context")
     if cfg.gpu_layers and not engine.gpu_offload:
         log.warning("--gpu-layers was given but this llama.cpp build has no GPU support; running on the CPU")

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_node import PROMPT, bench_llama_cpp, summarize  # noqa: E402
+from bench_node import PROMPT, bench_llama_cpp, summarize, threads_flag  # noqa: E402
 
 from runtime import ready_file
 
@@ -112,7 +112,7 @@ def bench_entry_path(tmp: Path, model_path: str, threads: int, n_tokens: int, ru
         entry = Proc(tmp, "entry", ["entry", "start", "--open", "--http-port", "0"])
         procs.append(entry)
         info = entry.ready()
-        node = Proc(tmp, "node", ["node", "start", "--model", model_path, "--threads", str(threads), "--skip-benchmark",
+        node = Proc(tmp, "node", ["node", "start", "--model", model_path, *threads_flag(threads), "--skip-benchmark",
                                   "--bootstrap", info["p2p_addrs"][0]])
         procs.append(node)
         node.ready()

@@ -372,15 +372,22 @@ def section_overhead(args) -> dict:
     from bench_node import bench_engine, bench_llama_cpp, bench_node
 
     from engine.model_file import bundled_model_path, inspect_model
+    from engine.threads import default_threads
 
     model = args.model or str(bundled_model_path())
     info = inspect_model(model)
     runs, tokens, threads = args.overhead_runs, args.overhead_tokens, args.threads
-    say(f"[overhead] {info.name} {info.quantization}, {threads} threads, {tokens} tokens, median of {runs} runs")
-    res: dict = {"model": info.name, "threads": threads, "tokens": tokens, "runs": runs}
+    # --threads 0: every path on its defaults; llama-cpp-python has none of its own here, so
+    # it gets every core, as llama.cpp's own tools do.
+    direct_threads = threads or default_threads()[1]
+    node_threads = f"{threads}" if threads else "default {}/{}".format(*default_threads())
+    say(f"[overhead] {info.name} {info.quantization}, {node_threads} threads (direct {direct_threads}), {tokens} tokens, "
+        f"median of {runs} runs, OMP_WAIT_POLICY here {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    res: dict = {"model": info.name, "threads": threads, "node_threads": node_threads, "direct_threads": direct_threads,
+                 "tokens": tokens, "runs": runs}
     paths = {}
     say("  direct llama-cpp-python …")
-    paths["direct-llama-cpp"] = bench_llama_cpp(model, threads, tokens, runs)
+    paths["direct-llama-cpp"] = bench_llama_cpp(model, direct_threads, tokens, runs)
     say("  our engine in-process …")
     paths["engine"] = bench_engine(model, threads, tokens, runs)
     say("  through a node (libp2p) …")
@@ -977,7 +984,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-quiet", type=float, default=120.0,
                     help="before each section wait up to this many seconds for other work on the machine to settle (0 = don't)")
     ap.add_argument("--model", help="GGUF for the overhead section (default: the bundled SmolLM2)")
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the overhead section")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the overhead section (0: the node's "
+                    "defaults, engine/threads.py; direct llama.cpp then gets every core)")
     ap.add_argument("--rate", type=float, default=250.0, help="synthetic tok/s per stream (capacity, routing)")
     ap.add_argument("--capacity-streams", default="1,16,64")
     # 2: the nodes share one core with the load generator here, and every extra node process

@@ -40,6 +40,11 @@ def summarize(samples: list[tuple[float, float, int]]) -> dict:
     return {"ttft_ms": round(ttft * 1000, 2), "decode_tps": round(decode, 1), "tokens": samples[0][2], "runs": len(samples)}
 
 
+def threads_flag(threads: int) -> list[str]:
+    """The node's --threads; 0 = none, the node's own defaults (engine/threads.py)."""
+    return ["--threads", str(threads)] if threads else []
+
+
 def bench_llama_cpp(model: str, threads: int, n_tokens: int, runs: int) -> dict:
     import llama_cpp
 
@@ -64,7 +69,7 @@ def bench_engine(model: str, threads: int, n_tokens: int, runs: int) -> dict:
     from engine.llama import Engine
     from protocol.messages import InferRequest, SamplingParams
 
-    eng = Engine(model, n_ctx=2048, n_threads=threads)
+    eng = Engine(model, n_ctx=2048, n_threads=threads or None)  # 0: the engine's defaults
     samples = []
     for i in range(runs + 1):
         req = InferRequest(f"bench-{i:06d}", eng.info.sha256, "completion", SamplingParams(max_tokens=n_tokens), prompt=PROMPT)
@@ -93,7 +98,7 @@ async def bench_node(model: str, sha: str, threads: int, n_tokens: int, runs: in
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "node"
         log = open(Path(tmp) / "node.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "node", "start", "--model", model, "--threads", str(threads),
+        proc = subprocess.Popen([sys.executable, "-m", "mesh_cli", "node", "start", "--model", model, *threads_flag(threads),
                                  "--skip-benchmark", "--state-dir", str(state), "--log-level", "warning"],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "MESH_HOME": tmp})
         try:

@@ -285,3 +285,31 @@ def test_sampling_parameters_and_logprobs_behave_as_engine(smol, smollm2_path, t
         assert a.seed == 11 and 0 < len(ids) <= 30
     finally:
         ref.close()
+
+
+def test_decode_steps_use_n_threads_and_prompt_steps_n_threads_batch(tiny_gguf, tmp_path):
+    """llama.cpp would run several sequences' decode step on n_threads_batch (it picks by the
+    batch's size); the engine gives every decode-only step n_threads (engine/threads.py)."""
+    e = BatchedEngine(tiny_gguf, slots=2, n_ctx=128, n_threads=1, n_threads_batch=2, n_batch=32,
+                      prefix_cache_tokens=0, cache_dir=tmp_path)
+    seen: list[tuple[bool, int, int]] = []  # (reads prompt tokens, sequences, llama.cpp's n_threads_batch)
+    orig = e._decode
+
+    def spy(entries):
+        reading = any(len(toks) > 1 for _sid, toks, _pos, _want in entries)
+        rows = orig(entries)
+        seen.append((reading, len(entries), e._lc.llama_n_threads_batch(e._ctx)))
+        return rows
+
+    e._decode = spy
+    try:
+        assert (e.n_threads, e.n_threads_batch) == (1, 2)
+        prompt = e.tokenize("hello there friend, how are you", add_bos=True)
+        with e._cv:  # both join at the same step, so their decode steps hold two sequences
+            gens = [e.generate(prompt + [i + 3], SamplingParams(max_tokens=6)) for i in range(2)]
+        concurrently([lambda g=g: ids_of(g) for g in gens])
+    finally:
+        e.close()
+    assert any(reading and n == 2 for reading, n, _ in seen)
+    assert any(not reading and n == 2 for reading, n, _ in seen)
+    assert all(tb == (2 if reading else 1) for reading, _n, tb in seen)

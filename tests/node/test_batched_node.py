@@ -31,14 +31,21 @@ def test_model_and_gpu_layers_are_loaded_once_whatever_the_slots(monkeypatch, ti
     workers = daemon.load_engines(cfg, daemon.resolve_model(cfg))
     assert len(made) == 1 and len(workers) == 8
     assert made[0]["n_gpu_layers"] == -1 and made[0]["slots"] == 8 and made[0]["n_threads"] == 3
+    assert made[0]["n_threads_batch"] == 3  # --threads alone sets both
     assert made[0]["prefix_cache_tokens"] == 100
 
 
 def test_config_defaults_and_limits():
+    from engine.threads import default_threads
+
     cfg = NodeConfig()
-    assert cfg.prefix_cache_size() == cfg.ctx and cfg.llama_threads() >= 1
+    assert cfg.prefix_cache_size() == cfg.ctx and cfg.llama_threads() == default_threads()
+    assert NodeConfig(threads=3).llama_threads() == (3, 3)
+    assert NodeConfig(threads_batch=5).llama_threads() == (default_threads()[0], 5)
+    assert NodeConfig(threads=1, threads_batch=2).llama_threads() == (1, 2)
     assert NodeConfig(prefix_cache_tokens=0).prefix_cache_size() == 0
-    for bad in (NodeConfig(slots=129), NodeConfig(prefix_cache_tokens=-1)):
+    for bad in (NodeConfig(slots=129), NodeConfig(prefix_cache_tokens=-1), NodeConfig(threads=-1),
+                NodeConfig(threads_batch=-2)):
         with pytest.raises(ValueError):
             bad.validate()
 
