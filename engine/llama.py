@@ -335,7 +335,9 @@ class Engine:
     def _row_view(self, ptr: Any) -> np.ndarray:
         """A logits row llama.cpp returned, as a numpy view (no copy). np.ctypeslib.as_array
         builds a ctypes array type per call: ~75 us a token against ~12 us here (measured)."""
-        return np.frombuffer(self._row_type.from_address(ctypes.addressof(ptr.contents)), dtype=np.float32)
+        row = self._row_type.from_address(ctypes.addressof(ptr.contents))
+        view: np.ndarray = np.frombuffer(memoryview(row), dtype=np.float32)
+        return view
 
     # --- self-benchmark ----------------------------------------------------------------
 
