@@ -116,21 +116,10 @@ async def _one_generation(host, node: str, sha: str, tokens: int, rid: str) -> t
     """(seconds to the first token, seconds after it, tokens) of one generation on a new
     stream over the open connection, as the entry makes them."""
     from protocol.messages import InferRequest, SamplingParams
-    from transport.node_client import open_call
+    from transport.node_client import timed_generation
 
     req = InferRequest(rid, sha, "completion", SamplingParams(max_tokens=tokens, temperature=0.0), prompt=PROMPT)
-    t0 = time.perf_counter()
-    call = await open_call(host, node, None, req)
-    first, n = None, 0
-    async for chunk in call.chunks():
-        if first is None and chunk.ids:
-            first = time.perf_counter()
-        n += len(chunk.ids)
-    end = time.perf_counter()
-    await call.close()
-    if first is None:
-        raise RuntimeError(f"{rid}: no token came back")
-    return first - t0, end - first, n
+    return await timed_generation(host, node, None, req)
 
 
 def _summary(samples: list[tuple[float, float, int]]) -> dict:

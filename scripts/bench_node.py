@@ -93,7 +93,7 @@ async def bench_node(model: str, sha: str, threads: int, n_tokens: int, runs: in
     from protocol.identity import Identity
     from protocol.messages import InferRequest, SamplingParams
     from transport.host import open_mesh_host
-    from transport.node_client import open_call
+    from transport.node_client import timed_generation
 
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "node"
@@ -112,17 +112,7 @@ async def bench_node(model: str, sha: str, threads: int, n_tokens: int, runs: in
                 await host.connect(info["peer_id"], info["addrs"])
                 for i in range(runs + 1):
                     req = InferRequest(f"bench-node-{i:06d}", sha, "completion", SamplingParams(max_tokens=n_tokens), prompt=PROMPT)
-                    t0 = time.perf_counter()
-                    call = await open_call(host, info["peer_id"], None, req)
-                    first = None
-                    n = 0
-                    async for chunk in call.chunks():
-                        if first is None and chunk.ids:
-                            first = time.perf_counter()
-                        n += len(chunk.ids)
-                    end = time.perf_counter()
-                    await call.close()
-                    samples.append((first - t0, end - first, n))
+                    samples.append(await timed_generation(host, info["peer_id"], None, req))
             return summarize(samples[1:])
         finally:
             proc.terminate()

@@ -198,23 +198,14 @@ async def _decode(info: dict, sha: str, runs: int) -> dict:
     from protocol.identity import Identity
     from protocol.messages import InferRequest, SamplingParams
     from transport.host import open_mesh_host
-    from transport.node_client import open_call
+    from transport.node_client import timed_generation
 
     samples = []
     async with open_mesh_host(Identity.generate(), dht_server=False) as host:
         await host.connect(info["peer_id"], info["addrs"])
         for i in range(runs + 1):
             req = InferRequest(f"bench-share-{i:06d}", sha, "completion", SamplingParams(max_tokens=128), prompt=PROMPT)
-            t0 = time.perf_counter()
-            call = await open_call(host, info["peer_id"], None, req)
-            first, n = None, 0
-            async for chunk in call.chunks():
-                if first is None and chunk.ids:
-                    first = time.perf_counter()
-                n += len(chunk.ids)
-            end = time.perf_counter()
-            await call.close()
-            samples.append((first - t0, end - first, n))
+            samples.append(await timed_generation(host, info["peer_id"], None, req))
     return summarize(samples[1:])
 
 

@@ -5,7 +5,8 @@ entry's relay, its status view and canary probes, tests, benchmarks).
 node's TokenChunks and finally its Final frame. A stream that ends or breaks before Final
 (node killed, reset) raises `StreamBroken` — the signal for failover — an Error frame raises
 `NodeError` with the node's code, and a frame that breaks the protocol raises ProtocolError.
-`open_call` dials a node and sends the request.
+`open_call` dials a node and sends the request; `timed_generation` is one whole call, timed
+(benchmarks and tests measure the mesh with it).
 
 `read_status` reads a status stream up to the node's next StatusReply; `query_status` asks
 for one. Both reading paths share `_read_message`, the only place a requester reads frames.
@@ -13,6 +14,7 @@ for one. Both reading paths share `_read_message`, the only place a requester re
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import trio
@@ -167,6 +169,24 @@ async def open_call(host, peer_id: str, addrs: Iterable[str] | None, request: In
         await call.abort()
         raise
     return call
+
+
+async def timed_generation(host, peer_id: str, addrs: Iterable[str] | None, request: InferRequest, *,
+                           timeout: float = DIAL_TIMEOUT_S) -> tuple[float, float, int]:
+    """One generation on a new stream, read to its Final frame: (seconds from the dial to the
+    first token, seconds after it, tokens). Raises RuntimeError when no token or no Final came."""
+    t0 = time.perf_counter()
+    call = await open_call(host, peer_id, addrs, request, timeout=timeout)
+    first, n = None, 0
+    async for chunk in call.chunks():
+        if first is None and chunk.ids:
+            first = time.perf_counter()
+        n += len(chunk.ids)
+    end = time.perf_counter()
+    await call.close()
+    if call.final is None or first is None:
+        raise RuntimeError(f"{request.request_id}: no final frame or no token")
+    return first - t0, end - first, n
 
 
 async def read_status(reader: FrameReader, on_leaving: OnLeaving | None = None) -> StatusReply:

@@ -87,21 +87,10 @@ def connection_facts(host, peer: str) -> list[dict]:
 async def generate(host, peer: str, addr: str, sha: str, tokens: int, rid: str) -> tuple[float, float, int]:
     """One generation on a new stream: (seconds to the first token, seconds after it, tokens)."""
     from protocol.messages import InferRequest, SamplingParams
-    from transport.node_client import open_call
+    from transport.node_client import timed_generation
 
     req = InferRequest(rid, sha, "completion", SamplingParams(max_tokens=tokens), prompt="hello")
-    t0 = time.perf_counter()
-    call = await open_call(host, peer, [addr], req, timeout=15)
-    first, n = None, 0
-    async for chunk in call.chunks():
-        if first is None and chunk.ids:
-            first = time.perf_counter()
-        n += len(chunk.ids)
-    end = time.perf_counter()
-    await call.close()
-    if call.final is None or first is None:
-        raise RuntimeError(f"{rid}: no final frame or no token")
-    return first - t0, end - first, n
+    return await timed_generation(host, peer, [addr], req, timeout=15)
 
 
 async def generations(host, targets: list[list[str]], sha: str, runs: int, tokens: int) -> dict:

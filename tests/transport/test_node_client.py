@@ -24,7 +24,7 @@ from protocol.messages import (
     to_wire,
 )
 from transport.host import StreamClosed
-from transport.node_client import NodeCall, NodeError, StreamBroken, open_call, query_status, read_status
+from transport.node_client import NodeCall, NodeError, StreamBroken, open_call, query_status, read_status, timed_generation
 
 RID = "req-client-0001"
 SHA = "ab" * 32
@@ -219,3 +219,23 @@ async def test_open_call_resets_a_stream_it_could_not_send_on():
     with trio.fail_after(5), pytest.raises(StreamClosed):
         await open_call(OneStreamHost(stream), "peer-a", None, REQUEST)
     assert stream.resets == 1
+
+
+async def test_timed_generation_counts_tokens_and_times_the_first():
+    ours, node = pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            async def scripted_node() -> None:
+                assert parse_message(await FrameReader(node).read_frame()) == REQUEST
+                await send(node, TokenChunk(RID, [1, 2], "ab"), TokenChunk(RID, [3], "c"), Final(RID, "length", 2, 3, b"r"))
+
+            n.start_soon(scripted_node)
+            ttft, after, tokens = await timed_generation(OneStreamHost(ours), "peer-a", None, REQUEST)
+    assert tokens == 3 and ttft >= 0 and after >= 0
+
+
+async def test_timed_generation_without_a_token_is_an_error():
+    ours, node = pair()
+    with trio.fail_after(5), pytest.raises(RuntimeError, match="no final frame or no token"):
+        await send(node, Final(RID, "stop", 2, 0, b"r"))  # buffered: read after the request went out
+        await timed_generation(OneStreamHost(ours), "peer-a", None, REQUEST)
