@@ -40,17 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from protocol.framing import FrameReader, FrameWriter  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
+from tests.support.echo import ECHO, echo  # noqa: E402
 from transport.dcutr import RELAYED, DirectUpgrade, conn_kind, conn_remote  # noqa: E402
 from transport.host import open_mesh_host  # noqa: E402
 from transport.relay import MeshRelay  # noqa: E402
-
-ECHO = "/mesh/test-echo/1"
-
-
-async def echo(stream, remote: str) -> None:
-    reader, writer = FrameReader(stream), FrameWriter(stream)
-    while (frame := await reader.read_frame()) is not None:
-        await writer.write_frame({"echo": frame})
 
 
 async def round_trip(host, peer: str, addrs=None) -> float:

@@ -13,17 +13,10 @@ from multiaddr import Multiaddr
 
 from protocol.framing import FrameReader, FrameWriter
 from protocol.identity import Identity
+from tests.support.echo import ECHO, echo
 from transport.dcutr import DIRECT, RELAYED, DirectUpgrade, conn_kind, conn_remote
 from transport.host import open_mesh_host
 from transport.relay import MeshRelay
-
-ECHO = "/mesh/test-echo/1"
-
-
-async def echo(stream, remote: str) -> None:
-    reader, writer = FrameReader(stream), FrameWriter(stream)
-    while (frame := await reader.read_frame()) is not None:
-        await writer.write_frame({"echo": frame})
 
 
 async def round_trip(host, peer: str, addrs=None) -> None:

@@ -34,22 +34,15 @@ from multiaddr import Multiaddr
 from protocol.framing import FrameReader, FrameWriter
 from protocol.identity import Identity
 from protocol.records import CapacityAdvert
+from tests.support.echo import ECHO, echo
 from transport import host as p2p
 from transport import patches
 from transport.dht_keys import advert_key, model_key
 from transport.host import DialError, PortInUse, StreamClosed, open_mesh_host
 
-ECHO = "/mesh/test-echo/1"
-
 
 def port_of(addr: str) -> int:
     return int(Multiaddr(addr).value_for_protocol("tcp"))
-
-
-async def echo(stream, remote: str) -> None:
-    reader, writer = FrameReader(stream), FrameWriter(stream)
-    while (frame := await reader.read_frame()) is not None:
-        await writer.write_frame({"echo": frame})
 
 
 async def round_trip(host, peer_id: str, addrs=None) -> dict:
